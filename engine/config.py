@@ -1,0 +1,81 @@
+"""Engine configuration: one frozen msgspec Struct per component, validated at construction.
+
+A component's constructor takes only the sub-config it uses.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine.loader import DEFAULT_MODEL
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _require(ok: bool, field: str, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r}: {rule}")
+
+
+class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
+    model: str = DEFAULT_MODEL
+    """A local Hugging Face-format directory, or the name of an embedded model."""
+    dtype: str = "float32"
+    """Weights and activations dtype. float32 is the parity reference; bfloat16 is faster on
+    CPUs with AMX/AVX512-BF16 and on GPUs."""
+    max_model_len: int | None = None
+    """Longest prompt + output; defaults to the model's max_position_embeddings."""
+    num_threads: int | None = None
+    """torch intra-op threads; None keeps torch's default (one per core)."""
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {_DTYPES}")
+        _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len",
+                 self.max_model_len, "must be positive")
+        _require(self.num_threads is None or self.num_threads > 0, "num_threads",
+                 self.num_threads, "must be positive")
+
+
+class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """KV blocks to preallocate; None derives it from `kv_cache_memory_mib`."""
+    kv_cache_memory_mib: int = 1024
+    """Memory for K and V of all layers when `num_blocks` is None."""
+    enable_prefix_caching: bool = True
+    """Reuse full blocks whose chained token hash matches an earlier sequence's."""
+
+    def __post_init__(self) -> None:
+        _require(self.block_size > 0, "block_size", self.block_size, "must be positive")
+        _require(self.num_blocks is None or self.num_blocks > 0, "num_blocks",
+                 self.num_blocks, "must be positive")
+        _require(self.kv_cache_memory_mib > 0, "kv_cache_memory_mib",
+                 self.kv_cache_memory_mib, "must be positive")
+
+
+class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks + decode tokens)."""
+    max_num_seqs: int = 64
+    """Most sequences running at once."""
+    max_waiting_requests: int = 1024
+    """Waiting-queue cap in requests; beyond it `add_request` raises ResourceExhausted."""
+    max_waiting_tokens: int = 1 << 20
+    """Waiting-queue cap in prompt tokens (a TTFT bound: roughly target TTFT x prefill rate)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over several steps; when False a prompt must fit one step's budget."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_waiting_requests",
+                     "max_waiting_tokens"):
+            value = getattr(self, name)
+            _require(value > 0, name, value, "must be positive")
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    seed: int = 0
+    """Seeds the draw of per-request sampling seeds for requests that give none."""

@@ -1,0 +1,43 @@
+"""Messages the engine emits: per-step deltas and offline completions."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, gc=False):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []
+    """The top-n (token id, logprob) alternatives, most likely first."""
+
+
+class RequestOutput(msgspec.Struct, frozen=True, gc=False, kw_only=True):
+    """What one step produced for one request (a streamed delta)."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_text: str
+    num_output_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None
+    """"stop" (EOS, stop token or stop string), "length" or "abort"."""
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended the request, if any."""
+    logprobs: list[TokenLogprob] | None = None
+    captures: dict | None = None
+    """Capture name -> tensor for this step, when the request asked for activations."""
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class CompletionOutput(msgspec.Struct, kw_only=True):
+    """The whole result of one request, as the offline `Engine.generate` returns it."""
+
+    index: int
+    req_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None

@@ -1,0 +1,202 @@
+"""Model runner: turns a SchedulerOutput into one flat forward pass.
+
+It owns the model and the KV cache tensors. Per step it builds `input_ids`, `positions`,
+`slot_mapping` and the attention metadata once (shared by every layer), runs the model, and
+returns float32 logits only for the rows that are sampled, plus any activations that those
+requests asked to capture.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+from engine.attention_metadata import AttentionMetadata, PrefillChunk
+from engine.config import CacheConfig, ModelConfig
+from engine.loader import iter_safetensors, load_hf_config, resolve_model_dir
+from engine.layers.rotary import RotaryEmbedding
+from engine.models import resolve_architecture
+from engine.scheduler_output import ScheduledRequest, SchedulerOutput
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+CAPTURE_FINAL_HIDDEN = "final_hidden"
+"""Capture name of the LM-head input (final-norm hidden state) of a sampled row."""
+
+
+class ModelRunnerOutput(msgspec.Struct, kw_only=True):
+    req_ids: list[str]
+    """Requests sampled this step, in the row order of `logits`."""
+    logits: torch.Tensor
+    """[num_sampled, vocab_size] float32."""
+    captures: dict[str, dict[str, torch.Tensor]]
+    """req_id -> capture name -> [hidden_size] tensor, for requests that asked."""
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig) -> None:
+        self.model_dir = resolve_model_dir(model_config.model)
+        self.hf_config = load_hf_config(self.model_dir)
+        model_cls, config_cls = resolve_architecture(self.hf_config)
+        self.config = config_cls.from_hf(self.hf_config)
+        self.dtype = _DTYPES[model_config.dtype]
+        with torch.device("meta"):
+            model = model_cls(self.config)
+        # Materialise on the CPU only after construction: no random init of 100M+ weights.
+        model = model.to_empty(device="cpu")
+        model.tie_weights()
+        model.load_weights(iter_safetensors(self.model_dir))
+        self._reset_buffers(model)
+        self.model = model.to(self.dtype).eval()
+        self.block_size = cache_config.block_size
+        self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(cache_config)
+        self.kv_caches = self._allocate_kv_cache()
+
+    @staticmethod
+    def _reset_buffers(model: torch.nn.Module) -> None:
+        # Non-persistent buffers (RoPE tables) were created on "meta"; rebuild them on the CPU.
+        for module in model.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.rebuild()
+
+    def _kv_bytes_per_block(self) -> int:
+        cfg = self.config
+        elem = torch.finfo(self.dtype).bits // 8
+        return (2 * cfg.num_hidden_layers * self.block_size * cfg.num_key_value_heads
+                * cfg.head_dim * elem)
+
+    def _blocks_for_memory(self, cache_config: CacheConfig) -> int:
+        return max(1, cache_config.kv_cache_memory_mib * (1 << 20) // self._kv_bytes_per_block())
+
+    def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.config
+        # One extra block at the end: the null block padded gathers read (kept at zero).
+        shape = (self.num_blocks + 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+                for _ in range(cfg.num_hidden_layers)]
+
+    @property
+    def null_slot(self) -> int:
+        return self.num_blocks * self.block_size
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        self._copy_blocks(output.block_copies)
+        # Single-token rows first: they form the batched decode group of the attention.
+        items = sorted(output.scheduled, key=lambda s: s.num_new_tokens > 1)
+        input_ids, positions, meta, sample_rows, sampled = self._prepare(items)
+        capture_layers = self._capture_layers(sampled)
+        hidden, layer_caps = self.model(input_ids, positions, self.kv_caches, meta,
+                                        capture_layers)
+        rows = torch.tensor(sample_rows, dtype=torch.long)
+        sampled_hidden = hidden[rows]
+        logits = self.model.compute_logits(sampled_hidden)
+        captures = self._gather_captures(sampled, rows, sampled_hidden, layer_caps)
+        return ModelRunnerOutput(req_ids=[s.request.req_id for s in sampled], logits=logits,
+                                 captures=captures)
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([c[0] for c in copies], dtype=torch.long)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.long)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
+    def _prepare(self, items: list[ScheduledRequest]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[ScheduledRequest] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for item in items:
+            req, start = item.request, item.request.num_computed_tokens
+            end = start + item.num_new_tokens
+            q_start = len(input_ids)
+            input_ids += req.all_token_ids[start:end]
+            positions += range(start, end)
+            table = item.block_ids
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            if item.num_new_tokens == 1:
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                prefills.append(self._prefill_chunk(q_start, start, end, table))
+            if item.samples:
+                sample_rows.append(len(input_ids) - 1)
+                sampled.append(item)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            num_decode_tokens=len(decode_lens),
+            decode_slots=None, decode_mask=None, prefills=prefills)
+        if decode_lens:
+            meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
+        return (torch.tensor(input_ids, dtype=torch.long),
+                torch.tensor(positions, dtype=torch.long), meta, sample_rows, sampled)
+
+    def _context_slots(self, table: list[int], num_tokens: int) -> torch.Tensor:
+        blocks = torch.tensor(table[:(num_tokens + self.block_size - 1) // self.block_size],
+                              dtype=torch.long)
+        slots = blocks[:, None] * self.block_size + torch.arange(self.block_size)
+        return slots.flatten()[:num_tokens]
+
+    def _prefill_chunk(self, q_start: int, start: int, end: int, table: list[int]
+                       ) -> PrefillChunk:
+        q_len = end - start
+        if start == 0:
+            return PrefillChunk(q_start=q_start, q_len=q_len, num_context_tokens=0)
+        # Query i sits at position start + i and may see keys 0 .. start + i.
+        key_pos = torch.arange(end)
+        query_pos = torch.arange(start, end)
+        mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
+        return PrefillChunk(q_start=q_start, q_len=q_len, num_context_tokens=start,
+                            context_slots=self._context_slots(table, end), mask=mask)
+
+    def _decode_slots(self, tables: list[list[int]], lens: list[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        max_len = max(lens)
+        max_blocks = (max_len + self.block_size - 1) // self.block_size
+        # Pad block tables with the null block; one gather per step builds all slot ids.
+        padded = [t[:max_blocks] + [self.num_blocks] * (max_blocks - min(len(t), max_blocks))
+                  for t in tables]
+        blocks = torch.tensor(padded, dtype=torch.long)                 # [B, max_blocks]
+        slots = (blocks[:, :, None] * self.block_size
+                 + torch.arange(self.block_size)).flatten(1)[:, :max_len]  # [B, max_len]
+        lens_t = torch.tensor(lens, dtype=torch.long)
+        mask = torch.arange(max_len)[None, :] < lens_t[:, None]           # [B, max_len]
+        slots = torch.where(mask, slots, self.null_slot)
+        return slots, mask[:, None, None, :]
+
+    def _capture_layers(self, sampled: list[ScheduledRequest]) -> frozenset[int]:
+        num_layers = self.config.num_hidden_layers
+        layers = set()
+        for item in sampled:
+            for name in item.request.captures:
+                if name.startswith("ffn_input:"):
+                    layers.add(int(name.split(":", 1)[1]) % num_layers)
+        return frozenset(layers)
+
+    def _gather_captures(self, sampled, rows, sampled_hidden, layer_caps):
+        captures: dict[str, dict[str, torch.Tensor]] = {}
+        num_layers = self.config.num_hidden_layers
+        for i, item in enumerate(sampled):
+            req = item.request
+            if not req.captures:
+                continue
+            out = {}
+            for name in req.captures:
+                if name == CAPTURE_FINAL_HIDDEN:
+                    out[name] = sampled_hidden[i].float().clone()
+                else:
+                    layer = int(name.split(":", 1)[1]) % num_layers
+                    out[name] = layer_caps[f"ffn_input:{layer}"][rows[i]].float().clone()
+            captures[req.req_id] = out
+        return captures
+

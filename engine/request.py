@@ -1,0 +1,80 @@
+"""Request: one sequence scheduled by the engine (a branch of a generation)."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+class Request:
+    """Token state of one sequence.
+
+    `all_token_ids` is prompt + generated tokens; `num_computed_tokens` of them have K/V in the
+    cache. The scheduler only ever reasons about these two counts: prefill, chunked prefill,
+    prefix hits and recompute after preemption are all "compute the next tokens".
+    """
+
+    def __init__(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 seed: int, eos_token_ids: tuple[int, ...] = (),
+                 captures: frozenset[str] = frozenset(), extra_key=None) -> None:
+        self.req_id = req_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.seed = seed
+        self.eos_token_ids = eos_token_ids
+        self.captures = captures
+        self.extra_key = extra_key
+        """Hashed into every prefix-cache block (prompts with equal tokens but different
+        structure must not share KV)."""
+        self.all_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+        self.status = RequestStatus.WAITING
+        self.arrival_time = time.monotonic()
+        self.detokenizer = None
+        self.stop_reason: int | str | None = None
+        self.output_text = ""
+        """Set when the request finishes (the streamed deltas carry it before that)."""
+        self.logprobs = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.req_id!r}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, {self.status.name})")

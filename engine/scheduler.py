@@ -1,0 +1,142 @@
+"""Continuous batching scheduler.
+
+Every step gives each request `min(remaining tokens, budget left)` new tokens. Running requests
+go first (oldest first), so decodes are never starved by prefills; waiting requests are admitted
+while budget, sequence slots and KV blocks remain. When a running request cannot get a block,
+the most recently admitted running request is preempted by recompute: its blocks are freed
+(full ones keep their prefix hash, so resuming often hits its own cache) and it re-enters the
+head of the waiting queue with `num_computed_tokens = 0`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.config import SchedulerConfig
+from engine.errors import ResourceExhausted
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.scheduler_output import ScheduledRequest, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_cache_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._pending_copies: list[tuple[int, int]] = []
+        self._num_waiting_tokens = 0
+
+    # ---- admission and removal -------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        """Queues `req`; raises ResourceExhausted when the waiting queue is at its cap."""
+        cfg = self.config
+        if len(self.waiting) >= cfg.max_waiting_requests:
+            raise ResourceExhausted(f"waiting queue is full ({cfg.max_waiting_requests} requests)")
+        if self._num_waiting_tokens + req.num_tokens > cfg.max_waiting_tokens:
+            raise ResourceExhausted(
+                f"waiting queue is full ({cfg.max_waiting_tokens} prompt tokens)")
+        self.requests[req.req_id] = req
+        self.waiting.append(req)
+        self._num_waiting_tokens += req.num_tokens
+
+    def add_running(self, req: Request) -> None:
+        """Adds a request whose KV blocks already exist (a fork) straight to the running set."""
+        req.status = RequestStatus.RUNNING
+        self.requests[req.req_id] = req
+        self.running.append(req)
+
+    def add_block_copies(self, copies: list[tuple[int, int]]) -> None:
+        self._pending_copies.extend(copies)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Removes `req` from the queues and frees its KV blocks."""
+        assert status.is_finished
+        if req.status == RequestStatus.WAITING:
+            self.waiting.remove(req)
+            self._num_waiting_tokens -= req.num_tokens
+        elif req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        req.status = status
+        self.kv.free(req.req_id)
+        self.requests.pop(req.req_id, None)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        budget = self._schedule_running(budget, scheduled, preempted)
+        if not preempted:
+            self._schedule_waiting(budget, scheduled)
+        copies, self._pending_copies = self._pending_copies, []
+        return SchedulerOutput(scheduled=scheduled, block_copies=copies,
+                               preempted_req_ids=[r.req_id for r in preempted])
+
+    def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest],
+                          preempted: list[Request]) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert num_new > 0, req
+            if not self._allocate_or_preempt(req, num_new, preempted):
+                continue  # `req` itself was preempted; running[i] is now the next request
+            scheduled.append(self._scheduled(req, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _allocate_or_preempt(self, req: Request, num_new: int, preempted: list[Request]) -> bool:
+        while self.kv.allocate_slots(req.req_id, req.all_token_ids, req.num_computed_tokens,
+                                     num_new, extra_key=req.extra_key) is None:
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.req_id)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self._num_waiting_tokens += req.num_tokens
+
+    def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            cached, num_cached = self.kv.lookup_prefix(req.all_token_ids, req.extra_key)
+            num_new = req.num_tokens - num_cached
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if self.kv.allocate_slots(req.req_id, req.all_token_ids, num_cached, num_new,
+                                      cached=cached, extra_key=req.extra_key) is None:
+                break
+            self.waiting.popleft()
+            self._num_waiting_tokens -= req.num_tokens
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = req.num_cached_tokens = num_cached
+            self.running.append(req)
+            scheduled.append(self._scheduled(req, num_new))
+            budget -= num_new
+
+    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+        return ScheduledRequest(request=req, num_new_tokens=num_new,
+                                block_ids=self.kv.get_block_ids(req.req_id))
+
+    def update_from_output(self, output: SchedulerOutput) -> None:
+        """Advances `num_computed_tokens` of every request that ran this step."""
+        for item in output.scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens

@@ -1,0 +1,45 @@
+"""Tokenizer wrapper: the model directory's Hugging Face tokenizer plus the stop-token set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+
+class Tokenizer:
+    """Encodes exactly as `AutoTokenizer.from_pretrained(dir)(text)` does."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.hf = AutoTokenizer.from_pretrained(str(model_dir))
+        self.eos_token_ids = self._eos_token_ids(Path(model_dir))
+
+    def _eos_token_ids(self, model_dir: Path) -> tuple[int, ...]:
+        # generation_config.json may list several end tokens (chat models); the tokenizer knows
+        # one. Generation stops on any of them, as transformers' generate() does.
+        ids: list[int] = []
+        gen = model_dir / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if self.hf.eos_token_id is not None:
+            ids.append(self.hf.eos_token_id)
+        return tuple(dict.fromkeys(ids))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf(text, add_special_tokens=add_special_tokens).input_ids
+
+    def apply_chat_template(self, text: str) -> list[int]:
+        """Token ids of `text` as a single user turn, with the generation prompt appended."""
+        messages = [{"role": "user", "content": text}]
+        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)
+        return list(out["input_ids"])
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)

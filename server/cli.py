@@ -1,0 +1,131 @@
+"""The `polydecode` command line: model-path, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_PROMPT = "The three most useful things to know about paged attention are"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF-format model directory or embedded model name (default: SmolLM2)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", type=int, default=None, help="return top-N logprobs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polydecode")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("model-path", help="print the local HF-format directory of a model")
+    p.add_argument("--model", default=None)
+    p = sub.add_parser("generate", help="generate offline (all prompts batched together)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="one text prompt")
+    src.add_argument("--prompts-file", help='JSONL file, one {"prompt": "..."} per line')
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("which", choices=["throughput"])
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "model-path":
+        from engine.loader import resolve_model_dir
+        print(resolve_model_dir(args.model))
+        return 0
+    if args.command == "bench":
+        sys.argv = [f"bench/{args.which}.py", *args.args]
+        runpy.run_path(str(REPO_ROOT / "bench" / f"{args.which}.py"), run_name="__main__")
+        return 0
+    return _generate(args)
+
+
+def _read_prompts(args) -> list[str | list[int]]:
+    if args.prompts_file:
+        prompts = []
+        for line in Path(args.prompts_file).read_text().splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                prompts.append(obj["prompt"] if "prompt" in obj else obj["prompt_token_ids"])
+        return prompts
+    return [args.prompt if args.prompt is not None else DEMO_PROMPT]
+
+
+def make_engine_config(args):
+    from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=ModelConfig(model=args.model or ModelConfig().model, dtype=args.dtype,
+                          num_threads=args.threads),
+        cache=CacheConfig(num_blocks=args.num_blocks),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs))
+
+
+def make_sampling_params(args):
+    from engine.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, seed=args.seed, stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+
+
+def _generate(args) -> int:
+    from engine.engine import Engine
+    from engine.errors import InvalidArgument
+
+    try:
+        params = make_sampling_params(args)
+        engine = Engine(make_engine_config(args))
+        prompts = _read_prompts(args)
+        if args.chat:
+            prompts = [engine.tokenizer.apply_chat_template(p) if isinstance(p, str) else p
+                       for p in prompts]
+        results = engine.generate(prompts, params)
+    except InvalidArgument as exc:
+        print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
+        return 2
+    for out in results:
+        if args.json:
+            print(json.dumps({"index": out.index, "token_ids": out.token_ids, "text": out.text,
+                              "finish_reason": out.finish_reason}), flush=True)
+        else:
+            print(out.text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
