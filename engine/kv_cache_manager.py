@@ -107,7 +107,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return KVBlocks(()), 0
         bs = self.block_size
-        max_blocks = len(token_ids) // bs
+        max_blocks = max(0, (len(token_ids) - 1) // bs)
         block_ids: list[int] = []
         parent_hash = None
         # Hash lazily and stop at the first miss: a chained hash cannot hit after a miss.

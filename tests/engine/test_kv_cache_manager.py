@@ -83,7 +83,9 @@ DECODE_CASES = [
     DECODE_CASES,
     ids=[f"computed{c}-new{n}" for c, n, _ in DECODE_CASES],
 )
-def test_allocate_grows_table_only_past_block_boundary(num_computed_tokens, num_new_tokens, expected):
+def test_allocate_grows_table_only_past_block_boundary(
+    num_computed_tokens, num_new_tokens, expected
+):
     manager = make_kv_cache_manager()
     token_ids = make_token_ids(16)
     manager.allocate_slots("a", token_ids, 0, 8)
@@ -493,7 +495,8 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
             hashes = []
             if self.manager.enable_prefix_caching:
                 hashes = hash_full_blocks(computed, bs, seq.extra_key)
-            assert [self.manager.block_pool.blocks[i].block_hash for i in table[: len(hashes)]] == hashes
+            blocks = [self.manager.block_pool.blocks[i] for i in table[: len(hashes)]]
+            assert [block.block_hash for block in blocks] == hashes
 
     def teardown(self):
         if not hasattr(self, "manager"):
