@@ -41,3 +41,5 @@ class CompletionOutput(msgspec.Struct, kw_only=True):
     text: str
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache."""

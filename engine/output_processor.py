@@ -9,12 +9,12 @@ from engine.tokenizer import Tokenizer
 
 
 class _RequestState:
-    __slots__ = ("detokenizer", "logprobs", "num_emitted")
+    __slots__ = ("detokenizer", "logprobs", "pending_text")
 
     def __init__(self, detokenizer: IncrementalDetokenizer) -> None:
         self.detokenizer = detokenizer
         self.logprobs: list[TokenLogprob] = []
-        self.num_emitted = 0
+        self.pending_text = ""
 
 
 class OutputProcessor:
@@ -38,7 +38,7 @@ class OutputProcessor:
         state = self._states[req.req_id]
         token_id = req.all_token_ids[-1]
         params = req.params
-        state.detokenizer.add_token(token_id)
+        state.pending_text += state.detokenizer.add_token(token_id)
         n_out = req.num_output_tokens
         if n_out >= params.min_new_tokens:
             if not params.ignore_eos and token_id in req.eos_token_ids:
@@ -60,7 +60,9 @@ class OutputProcessor:
         if logprob is not None:
             state.logprobs.append(logprob)
         finished = req.is_finished
-        text = state.detokenizer.get_delta(final=finished)
+        text, state.pending_text = state.pending_text, ""
+        if finished:
+            text += state.detokenizer.flush()
         if finished:
             req.output_text = state.detokenizer.output_text
             req.logprobs = state.logprobs if req.params.logprobs is not None else None
@@ -81,4 +83,5 @@ class OutputProcessor:
         return CompletionOutput(
             index=index, req_id=req.req_id, prompt_token_ids=req.prompt_token_ids,
             token_ids=req.output_token_ids, text=req.output_text,
-            finish_reason=req.status.value, logprobs=req.logprobs)
+            finish_reason=req.status.value, logprobs=req.logprobs,
+            num_cached_tokens=req.num_cached_tokens)

@@ -22,7 +22,7 @@ from engine.sampling_params import SamplingParams
 _GAMMA = 0x9E3779B97F4A7C15 - 2**64
 _MUL1 = 0xBF58476D1CE4E5B9 - 2**64
 _MUL2 = 0x94D049BB133111EB - 2**64
-_UNIFORM_BITS = 52
+_UNIFORM_BITS = 23
 
 
 class SamplingRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -145,32 +145,26 @@ def _pad(token_ids: list[Sequence[int]], pad_id: int, device) -> torch.Tensor:
     return torch.tensor(padded, dtype=torch.int64, device=device).view(len(token_ids), max_len)
 
 
-def _make_edit(row_ids, token_ids, values, device) -> SparseLogitEdit | None:
-    if not row_ids:
+def _make_edit(edits: list[tuple[int, int, float]], device) -> SparseLogitEdit | None:
+    if not edits:
         return None
+    row_ids, token_ids, values = zip(*edits)
     return SparseLogitEdit(torch.tensor(row_ids, dtype=torch.int64, device=device),
                            torch.tensor(token_ids, dtype=torch.int64, device=device),
                            torch.tensor(values, dtype=torch.float32, device=device))
 
 
 def _gather_logit_bias(rows: Sequence[SamplingRow], device) -> SparseLogitEdit | None:
-    row_ids, token_ids, values = [], [], []
-    for i, row in enumerate(rows):
-        for token_id, bias in row.params.logit_bias.items():
-            row_ids.append(i)
-            token_ids.append(token_id)
-            values.append(bias)
-    return _make_edit(row_ids, token_ids, values, device)
+    edits = [(i, token_id, bias) for i, row in enumerate(rows)
+             for token_id, bias in row.params.logit_bias.items()]
+    return _make_edit(edits, device)
 
 
 def _gather_min_tokens_mask(rows: Sequence[SamplingRow], device) -> SparseLogitEdit | None:
-    row_ids, token_ids = [], []
-    for i, row in enumerate(rows):
-        if len(row.output_token_ids) < row.params.min_new_tokens:
-            banned = set(row.eos_token_ids) | set(row.params.stop_token_ids)
-            row_ids.extend([i] * len(banned))
-            token_ids.extend(sorted(banned))
-    return _make_edit(row_ids, token_ids, [float("-inf")] * len(row_ids), device)
+    edits = [(i, token_id, float("-inf")) for i, row in enumerate(rows)
+             if len(row.output_token_ids) < row.params.min_new_tokens
+             for token_id in sorted(set(row.eos_token_ids) | set(row.params.stop_token_ids))]
+    return _make_edit(edits, device)
 
 
 @dataclass(frozen=True)
@@ -349,13 +343,13 @@ def exponential_race(probs: torch.Tensor, seeds: torch.Tensor,
 
 def random_exponentials(seeds: torch.Tensor, steps: torch.Tensor,
                         vocab_size: int) -> torch.Tensor:
-    """`[num_rows, vocab_size]` float32 Exp(1) samples, all > 0 and finite (at most 36.8)."""
-    # u is in [2**-53, 1 - 2**-53], so -log(u) is never 0 (which would make p / E infinite
-    # for a token that should merely be likely) and never infinite.
-    return hash_uniform(seeds, steps, vocab_size).log_().neg_().float()
+    """`[num_rows, vocab_size]` float32 Exp(1) samples, all > 0 and finite (at most 16.7)."""
+    # u >= 2**-24 keeps E finite, and u <= 1 - 2**-24 keeps E > 0: an E of 0 would make p / E
+    # infinite for a token that should merely be likely.
+    return hash_uniform(seeds, steps, vocab_size).log_().neg_()
 
 
-# NOTE: this materialises int64 and float64 `[num_rows, vocab_size]` buffers. A fused kernel
+# NOTE: this materialises `[num_rows, vocab_size]` int64 buffers. A fused kernel
 # (engine/kernels/sampling) could generate the noise in registers if profiling asks for it.
 def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Counter-based uniforms: u[r, v] = U(seeds[r], steps[r], v), a pure function of its key.
@@ -366,33 +360,37 @@ def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> t
         vocab_size: number of columns.
 
     Returns:
-        `[num_rows, vocab_size]` float64 in the open interval (0, 1).
+        `[num_rows, vocab_size]` float32 on the grid (k + 0.5) / 2**23, inside (0, 1).
     """
     # Each (seed, step) pair is hashed into the starting state of its own splitmix64 stream,
     # which is then read at positions 1..vocab_size. Hashing twice matters: had the state been
     # `mix(seed) + step * gamma`, step t + 1 would replay step t's stream shifted by one token.
-    row_states = _mix64(_mix64(seeds + _GAMMA) + (steps + 1) * _GAMMA)  # [num_rows]
+    row_states = _mix64_(_mix64_(seeds + _GAMMA) + (steps + 1) * _GAMMA)  # [num_rows]
     counters = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=seeds.device)
-    bits = _mix64(row_states.unsqueeze(1) + counters * _GAMMA)  # [num_rows, vocab_size]
-    # The top 52 bits k give (k + 0.5) / 2**52, which float64 holds exactly: never 0 or 1.
-    uniform = _shift_right(bits, 64 - _UNIFORM_BITS).double()
+    bits = _mix64_(row_states.unsqueeze(1) + counters * _GAMMA)  # [num_rows, vocab_size]
+    # The top 23 bits k give (k + 0.5) / 2**23, which float32 holds exactly (24 significant
+    # bits), so u is never 0 or 1. float32 rather than float64 halves the cost of the log;
+    # the resulting E = -log(u) has a resolution of 2**-23 (relative, near E = 1).
+    uniform = _shift_right(bits, 64 - _UNIFORM_BITS, out=bits).float()
     return uniform.add_(0.5).mul_(2.0 ** -_UNIFORM_BITS)
 
 
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (a bijection on 64-bit words).
+def _mix64_(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, in place on an int64 tensor (a bijection on 64-bit words).
 
-    torch int64 multiplication wraps modulo 2**64 like uint64 would, and xor does not care about
-    signedness; only the right shifts need care (see `_shift_right`).
+    torch int64 multiplication wraps modulo 2**64 exactly as uint64 would, and xor does not care
+    about signedness; only the right shifts need care (see `_shift_right`). In place with one
+    scratch buffer because on CPU these passes are memory-bound and fresh buffers page-fault.
     """
-    z = z ^ _shift_right(z, 30)  # a fresh tensor: the in-place ops below never touch the input
-    z.mul_(_MUL1)
-    z.bitwise_xor_(_shift_right(z, 27))
-    z.mul_(_MUL2)
-    return z.bitwise_xor_(_shift_right(z, 31))
+    shifted = torch.empty_like(z)
+    for shift, multiplier in ((30, _MUL1), (27, _MUL2)):
+        z.bitwise_xor_(_shift_right(z, shift, out=shifted))
+        z.mul_(multiplier)
+    return z.bitwise_xor_(_shift_right(z, 31, out=shifted))
 
 
-def _shift_right(z: torch.Tensor, shift: int) -> torch.Tensor:
-    """Logical right shift of int64 bits: torch's `>>` is arithmetic (copies the sign bit in),
-    so clear the `shift` high bits it filled."""
-    return (z >> shift).bitwise_and_((1 << (64 - shift)) - 1)
+def _shift_right(z: torch.Tensor, shift: int, out: torch.Tensor) -> torch.Tensor:
+    """Logical right shift of int64 bits into `out`: torch's `>>` is arithmetic (copies the
+    sign bit in), so clear the `shift` high bits it filled."""
+    torch.bitwise_right_shift(z, shift, out=out)
+    return out.bitwise_and_((1 << (64 - shift)) - 1)

@@ -28,6 +28,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._pending_copies: list[tuple[int, int]] = []
         self._num_waiting_tokens = 0
+        self.num_preemptions = 0
+        """Total preemptions since start (a recompute-cost statistic)."""
 
     # ---- admission and removal -------------------------------------------------------------
 
@@ -110,6 +112,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
         self._num_waiting_tokens += req.num_tokens
 

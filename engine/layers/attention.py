@@ -53,8 +53,12 @@ class PagedAttention(nn.Module):
         # One query per sequence: fold the query heads sharing a KV head into the query-length
         # axis, so GQA needs no K/V expansion: q [B, kv_heads, group, d], k [B, kv_heads, S, d].
         q = q.view(num_seqs, self.num_kv_heads, group, self.head_dim)
-        k = flat_k[meta.decode_slots].transpose(1, 2)
-        v = flat_v[meta.decode_slots].transpose(1, 2)
+        # index_select on the flattened slot ids is several times faster on CPU than
+        # advanced indexing with a 2-D index tensor.
+        slots = meta.decode_slots.flatten()
+        shape = (num_seqs, -1, self.num_kv_heads, self.head_dim)
+        k = flat_k.index_select(0, slots).view(shape).transpose(1, 2)  # [B, kv_heads, S, d]
+        v = flat_v.index_select(0, slots).view(shape).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask,
                                              scale=self.scale)
         return out.reshape(num_seqs, self.num_heads, self.head_dim)
@@ -62,7 +66,8 @@ class PagedAttention(nn.Module):
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat_k: torch.Tensor,
                  flat_v: torch.Tensor, chunk) -> torch.Tensor:
         if chunk.context_slots is not None:
-            k, v = flat_k[chunk.context_slots], flat_v[chunk.context_slots]
+            k = flat_k.index_select(0, chunk.context_slots)
+            v = flat_v.index_select(0, chunk.context_slots)
         # [len, heads, d] -> [1, heads, len, d]
         q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
