@@ -29,9 +29,14 @@ class AttentionMetadata(msgspec.Struct, kw_only=True):
     """[num_tokens] int64: cache slot (block_id * block_size + offset) of every new token."""
     num_decode_tokens: int
     """The first `num_decode_tokens` rows are single-token steps of distinct sequences."""
-    decode_slots: torch.Tensor | None
+    decode_block_tables: torch.Tensor | None = None
+    """[num_decode_tokens, max_blocks] int64 block tables (paged kernel path)."""
+    decode_context_lens: torch.Tensor | None = None
+    """[num_decode_tokens] int64 context lengths, the new token included (paged kernel path)."""
+    decode_slots: torch.Tensor | None = None
     """[num_decode_tokens, max_context_len] int64 slots of each decode sequence's context,
-    padded with the null slot (a block kept at zero, so padding never reads stale memory)."""
-    decode_mask: torch.Tensor | None
+    padded with the null slot (a block kept at zero, so padding never reads stale memory);
+    used by the gather + SDPA path when no paged kernel is available."""
+    decode_mask: torch.Tensor | None = None
     """[num_decode_tokens, 1, 1, max_context_len] bool, True on real context positions."""
     prefills: list[PrefillChunk]

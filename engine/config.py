@@ -27,9 +27,24 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Longest prompt + output; defaults to the model's max_position_embeddings."""
     num_threads: int | None = None
     """torch intra-op threads; None keeps torch's default (one per core)."""
+    attention_backend: str = "auto"
+    """"auto" uses the compiled paged decode kernel when it builds on this machine; "torch"
+    forces the gather + scaled_dot_product_attention reference path."""
+    device: str = "auto"
+    """"cpu", "cuda", "cuda:N", or "auto" (CUDA when available, else CPU)."""
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {_DTYPES}")
+        _require(self.attention_backend in ("auto", "torch"), "attention_backend",
+                 self.attention_backend, "must be 'auto' or 'torch'")
         _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len",
                  self.max_model_len, "must be positive")
         _require(self.num_threads is None or self.num_threads > 0, "num_threads",

@@ -148,7 +148,8 @@ class Engine:
         rows = [SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids,
                             output_token_ids=r.output_token_ids, seed=r.seed,
                             eos_token_ids=r.eos_token_ids) for r in sampled]
-        result = self.sampler(run.logits, SamplingBatch.build(rows, self.vocab_size))
+        result = self.sampler(run.logits, SamplingBatch.build(rows, self.vocab_size,
+                                                               run.logits.device))
         token_ids = result.token_ids.tolist()
         logprobs = _logprobs_per_row(result, sampled, token_ids)
         outputs = []

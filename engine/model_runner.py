@@ -14,6 +14,7 @@ import torch
 from engine.attention_metadata import AttentionMetadata, PrefillChunk
 from engine.config import CacheConfig, ModelConfig
 from engine.loader import iter_safetensors, load_hf_config, resolve_model_dir
+from engine.kernels import paged_attention
 from engine.layers.rotary import RotaryEmbedding
 from engine.models import resolve_architecture
 from engine.scheduler_output import ScheduledRequest, SchedulerOutput
@@ -47,10 +48,13 @@ class ModelRunner:
         model.tie_weights()
         model.load_weights(iter_safetensors(self.model_dir))
         self._reset_buffers(model)
-        self.model = model.to(self.dtype).eval()
+        self.device = torch.device(model_config.resolved_device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(cache_config)
         self.kv_caches = self._allocate_kv_cache()
+        self.use_paged_kernel = (model_config.attention_backend != "torch"
+                                 and self.device.type == "cpu" and paged_attention.is_available())
 
     @staticmethod
     def _reset_buffers(model: torch.nn.Module) -> None:
@@ -72,8 +76,9 @@ class ModelRunner:
         cfg = self.config
         # One extra block at the end: the null block padded gathers read (kept at zero).
         shape = (self.num_blocks + 1, self.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
-                for _ in range(cfg.num_hidden_layers)]
+        with self.device:
+            return [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+                    for _ in range(cfg.num_hidden_layers)]
 
     @property
     def null_slot(self) -> int:
@@ -83,14 +88,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
-        self._copy_blocks(output.block_copies)
         # Single-token rows first: they form the batched decode group of the attention.
         items = sorted(output.scheduled, key=lambda s: s.num_new_tokens > 1)
-        input_ids, positions, meta, sample_rows, sampled = self._prepare(items)
+        # Step inputs (ids, slots, masks) are built on the model's device. The device context
+        # intercepts every torch call, so the forward itself runs outside it.
+        with self.device:
+            self._copy_blocks(output.block_copies)
+            input_ids, positions, meta, sample_rows, sampled = self._prepare(items)
+            rows = torch.tensor(sample_rows, dtype=torch.long)
         capture_layers = self._capture_layers(sampled)
         hidden, layer_caps = self.model(input_ids, positions, self.kv_caches, meta,
                                         capture_layers)
-        rows = torch.tensor(sample_rows, dtype=torch.long)
         sampled_hidden = hidden[rows]
         logits = self.model.compute_logits(sampled_hidden)
         captures = self._gather_captures(sampled, rows, sampled_hidden, layer_caps)
@@ -136,7 +144,10 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             num_decode_tokens=len(decode_lens),
             decode_slots=None, decode_mask=None, prefills=prefills)
-        if decode_lens:
+        if decode_lens and self.use_paged_kernel:
+            meta.decode_block_tables, meta.decode_context_lens = self._decode_tables(
+                decode_tables, decode_lens)
+        elif decode_lens:
             meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
         return (torch.tensor(input_ids, dtype=torch.long),
                 torch.tensor(positions, dtype=torch.long), meta, sample_rows, sampled)
@@ -158,6 +169,13 @@ class ModelRunner:
         mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
         return PrefillChunk(q_start=q_start, q_len=q_len, num_context_tokens=start,
                             context_slots=self._context_slots(table, end), mask=mask)
+
+    def _decode_tables(self, tables: list[list[int]], lens: list[int]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        max_blocks = max(len(t) for t in tables)
+        # Padding entries are never read: the kernel stops at each sequence's context length.
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.long), torch.tensor(lens, dtype=torch.long)
 
     def _decode_slots(self, tables: list[list[int]], lens: list[int]
                       ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,3 +14,15 @@ def make_engine_config(model_dir, num_blocks: int | None = 512, block_size: int 
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                   max_num_seqs=max_num_seqs, **scheduler))
+
+
+def make_engine(model_dir, **kwargs):
+    """An engine whose KV cache is NaN everywhere except the null block, so any read of a
+    slot that no sequence wrote fails loudly instead of passing by luck."""
+    from engine.engine import Engine
+
+    engine = Engine(make_engine_config(model_dir, **kwargs))
+    for k_cache, v_cache in engine.runner.kv_caches:
+        k_cache[:-1].fill_(float("nan"))
+        v_cache[:-1].fill_(float("nan"))
+    return engine

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
+from engine.kernels.paged_attention import paged_decode_attention
 
 
 class PagedAttention(nn.Module):
@@ -40,16 +41,21 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         if meta.num_decode_tokens:
             n = meta.num_decode_tokens
-            out[:n] = self._decode(q[:n], flat_k, flat_v, meta)
+            out[:n] = self._decode(q[:n], k_cache, v_cache, meta)
         for chunk in meta.prefills:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             out[rows] = self._prefill(q[rows], k[rows], v[rows], flat_k, flat_v, chunk)
         return out.view(q.shape[0], -1)
 
-    def _decode(self, q: torch.Tensor, flat_k: torch.Tensor, flat_v: torch.Tensor,
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
+        if meta.decode_block_tables is not None:
+            return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                          meta.decode_context_lens, self.scale)
         num_seqs = q.shape[0]
         group = self.num_heads // self.num_kv_heads
+        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
         # One query per sequence: fold the query heads sharing a KV head into the query-length
         # axis, so GQA needs no K/V expansion: q [B, kv_heads, group, d], k [B, kv_heads, S, d].
         q = q.view(num_seqs, self.num_kv_heads, group, self.head_dim)

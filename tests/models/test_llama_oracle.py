@@ -12,7 +12,7 @@ import torch
 
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
-from tests.factories import make_engine_config
+from tests.factories import make_engine
 
 MAX_NEW_TOKENS = 24
 LONG_CONTEXT = ("Paged attention stores the key and value vectors of every sequence in fixed-size "
@@ -45,7 +45,7 @@ def hf_greedy(hf_model, hf_tokenizer) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def engine(model_dir) -> Engine:
-    return Engine(make_engine_config(model_dir))
+    return make_engine(model_dir)
 
 
 def _token_ids(engine: Engine, prompts: list[str]) -> list[list[int]]:
@@ -68,20 +68,20 @@ def test_greedy_batched_matches_hf(engine, hf_greedy):
 
 
 def test_chunked_prefill_matches_hf(model_dir, hf_greedy):
-    engine = Engine(make_engine_config(model_dir, max_num_batched_tokens=40))
+    engine = make_engine(model_dir, max_num_batched_tokens=40)
     assert _token_ids(engine, PROMPTS) == hf_greedy
 
 
 def test_preemption_matches_hf(model_dir, hf_greedy):
     # 26 blocks x 16 tokens: the longest request (356 + 24 tokens) fits alone, all do not.
-    engine = Engine(make_engine_config(model_dir, num_blocks=26, enable_prefix_caching=False))
+    engine = make_engine(model_dir, num_blocks=26, enable_prefix_caching=False)
     assert _token_ids(engine, PROMPTS) == hf_greedy
     assert engine.scheduler.num_preemptions > 0
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
 
 
 def test_prefix_cache_hits_match_hf(model_dir, hf_greedy):
-    engine = Engine(make_engine_config(model_dir))
+    engine = make_engine(model_dir)
     long_index = next(i for i, p in enumerate(PROMPTS) if p.startswith(LONG_CONTEXT))
     first = engine.generate([PROMPTS[long_index]], GREEDY)[0]
     again = engine.generate(PROMPTS, GREEDY)
