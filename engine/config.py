@@ -27,6 +27,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Longest prompt + output; defaults to the model's max_position_embeddings."""
     num_threads: int | None = None
     """torch intra-op threads; None keeps torch's default (one per core)."""
+    prepack_weights: bool = True
+    """Reorder float32 CPU linear weights once into MKL's packed GEMM layout (bit-identical
+    results, ~30% faster decode GEMMs)."""
     attention_backend: str = "auto"
     """"auto" uses the compiled paged decode kernel when it builds on this machine; "torch"
     forces the gather + scaled_dot_product_attention reference path."""

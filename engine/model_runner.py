@@ -15,6 +15,7 @@ from engine.attention_metadata import AttentionMetadata, PrefillChunk
 from engine.config import CacheConfig, ModelConfig
 from engine.loader import iter_safetensors, load_hf_config, resolve_model_dir
 from engine.kernels import paged_attention
+from engine.layers.packed_linear import can_prepack, prepack_linears
 from engine.layers.rotary import RotaryEmbedding
 from engine.models import resolve_architecture
 from engine.scheduler_output import ScheduledRequest, SchedulerOutput
@@ -50,6 +51,9 @@ class ModelRunner:
         self._reset_buffers(model)
         self.device = torch.device(model_config.resolved_device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if model_config.prepack_weights and can_prepack(self.model):
+            # Decode batches are what the packed layout is tuned for.
+            prepack_linears(self.model, batch_hint=32)
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(cache_config)
         self.kv_caches = self._allocate_kv_cache()

@@ -15,7 +15,7 @@ from torch import nn
 from engine.attention_metadata import AttentionMetadata
 from engine.layers.attention import PagedAttention
 from engine.layers.norms import RMSNorm
-from engine.layers.rotary import RotaryEmbedding
+from engine.layers.rotary import RotaryEmbedding, apply_rotary
 
 # HF checkpoint name -> (our fused parameter, shard index). q/k/v and gate/up are fused so each
 # layer runs two input GEMMs instead of five: fewer, larger matmuls are what decode is bound by.
@@ -65,7 +65,7 @@ class LlamaConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -73,11 +73,10 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
                                    scale=self.head_dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
                 ) -> torch.Tensor:
         qkv = self.qkv_proj(x)                                  # [T, q_size + 2 * kv_size]
@@ -85,7 +84,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)           # [T, heads, d]
         k = k.view(-1, self.num_kv_heads, self.head_dim)        # [T, kv_heads, d]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
@@ -101,15 +100,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, rotary)
+        self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, positions, x, kv_cache, meta, captures=None, index=-1):
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+    def forward(self, rope, x, kv_cache, meta, captures=None, index=-1):
+        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
         ffn_input = self.post_attention_layernorm(x)
         if captures is not None:
             captures[f"ffn_input:{index}"] = ffn_input
@@ -124,9 +123,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -145,9 +143,10 @@ class LlamaForCausalLM(nn.Module):
         captures {"ffn_input:<layer>": [num_tokens, hidden_size]} for `capture_layers`)."""
         captures: dict[str, torch.Tensor] = {}
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             sink = captures if i in capture_layers else None
-            x = layer(positions, x, kv_caches[i], meta, sink, i)
+            x = layer(rope, x, kv_caches[i], meta, sink, i)
         return self.norm(x), captures
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
