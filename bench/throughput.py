@@ -100,6 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--quantization", default="none", choices=["none", "int8"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-prompts", type=int, default=THROUGHPUT["num_prompts"])
     ap.add_argument("--max-new-tokens", type=int, default=THROUGHPUT["max_new_tokens"])
@@ -112,13 +113,15 @@ def main() -> None:
     batch1 = random_prompts(1, THROUGHPUT["batch1_prompt_len"], THROUGHPUT["batch1_prompt_len"],
                             seed=1)
     max_new = args.max_new_tokens
-    engine = Engine(EngineConfig(model=ModelConfig(model=str(model_dir), dtype=args.dtype),
+    engine = Engine(EngineConfig(model=ModelConfig(model=str(model_dir), dtype=args.dtype,
+                                                   quantization=args.quantization),
                                  cache=CacheConfig(enable_prefix_caching=False)))
     run_engine(engine, prompts[:4], 8)  # warm-up: allocator, oneDNN kernel selection
     elapsed, n_out = run_engine(engine, prompts, max_new)
     b1_rate = decode_rate(lambda n: run_engine(engine, batch1, n)[0], max_new)
     record = {
         "bench": "throughput", "model": model_dir.name, "dtype": args.dtype,
+        "quantization": args.quantization,
         "num_prompts": len(prompts), "max_new_tokens": max_new,
         "engine_output_tokens_per_s": round(n_out / elapsed, 1),
         "engine_batch1_tokens_per_s": round(b1_rate, 1),

@@ -27,6 +27,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Longest prompt + output; defaults to the model's max_position_embeddings."""
     num_threads: int | None = None
     """torch intra-op threads; None keeps torch's default (one per core)."""
+    quantization: str = "none"
+    """"none", or "int8": weight-only int8 linear layers (per-channel scales), a quarter of
+    float32's weight bytes for memory-bound decode."""
     prepack_weights: bool = True
     """Reorder float32 CPU linear weights once into MKL's packed GEMM layout (bit-identical
     results, ~30% faster decode GEMMs)."""
@@ -46,6 +49,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {_DTYPES}")
+        _require(self.quantization in ("none", "int8"), "quantization", self.quantization,
+                 "must be 'none' or 'int8'")
         _require(self.attention_backend in ("auto", "torch"), "attention_backend",
                  self.attention_backend, "must be 'auto' or 'torch'")
         _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len",

@@ -16,6 +16,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.loader import iter_safetensors, load_hf_config, resolve_model_dir
 from engine.kernels import paged_attention
 from engine.layers.packed_linear import can_prepack, prepack_linears
+from engine.layers.quantize import quantize_linears
 from engine.layers.rotary import RotaryEmbedding
 from engine.models import resolve_architecture
 from engine.scheduler_output import ScheduledRequest, SchedulerOutput
@@ -51,6 +52,7 @@ class ModelRunner:
         self._reset_buffers(model)
         self.device = torch.device(model_config.resolved_device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        quantize_linears(self.model, model_config.quantization)
         if model_config.prepack_weights and can_prepack(self.model):
             # Decode batches are what the packed layout is tuned for.
             prepack_linears(self.model, batch_hint=32)

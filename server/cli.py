@@ -16,6 +16,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF-format model directory or embedded model name (default: SmolLM2)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantization", default="none", choices=["none", "int8"],
+                   help="int8: weight-only int8 linear layers")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -86,7 +88,7 @@ def make_engine_config(args):
 
     return EngineConfig(
         model=ModelConfig(model=args.model or ModelConfig().model, dtype=args.dtype,
-                          num_threads=args.threads),
+                          quantization=args.quantization, num_threads=args.threads),
         cache=CacheConfig(num_blocks=args.num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs))
