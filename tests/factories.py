@@ -8,9 +8,11 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfi
 def make_engine_config(model_dir, num_blocks: int | None = 512, block_size: int = 16,
                        max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                        enable_prefix_caching: bool = True, quantization: str = "none",
-                       dtype: str = "float32", **scheduler) -> EngineConfig:
+                       dtype: str = "float32", attention_backend: str = "auto",
+                       **scheduler) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=str(model_dir), quantization=quantization, dtype=dtype),
+        model=ModelConfig(model=str(model_dir), quantization=quantization, dtype=dtype,
+                          attention_backend=attention_backend),
         cache=CacheConfig(num_blocks=num_blocks, block_size=block_size,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,

@@ -88,3 +88,10 @@ def test_prefix_cache_hits_match_hf(model_dir, hf_greedy):
     assert first.num_cached_tokens == 0
     assert again[long_index].num_cached_tokens >= 160
     assert [o.token_ids for o in again] == hf_greedy
+
+
+def test_torch_attention_backend_matches_hf(model_dir, hf_greedy):
+    # The gather + SDPA path used when the compiled decode kernel is unavailable.
+    engine = make_engine(model_dir, attention_backend="torch")
+    assert not engine.runner.use_paged_kernel
+    assert _token_ids(engine, PROMPTS) == hf_greedy
