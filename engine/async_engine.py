@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 
 from engine.engine import Engine
-from engine.errors import ResourceExhausted
+from engine.errors import InvalidArgument, ResourceExhausted
 from engine.messages import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -25,6 +25,8 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
+    """Thread-safe streaming front of an `Engine`; see the module docstring."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -47,12 +49,14 @@ class AsyncEngine:
         Raises InvalidArgument / ResourceExhausted before the first delta when the request is
         refused, EngineDeadError if the engine fails while it runs.
         """
-        if self.error is not None:
-            raise EngineDeadError(str(self.error))
         req = self.engine.make_request(prompt, params, req_id, captures)
-        self._check_capacity()
         loop, out_q = asyncio.get_running_loop(), asyncio.Queue()
         with self._lock:
+            if self.error is not None or self._stopped:
+                raise EngineDeadError(str(self.error or "engine is shut down"))
+            if req.req_id in self._streams:
+                raise InvalidArgument("request_id", f"{req.req_id!r} is already running")
+            self._check_capacity()
             self._streams[req.req_id] = (loop, out_q)
             self._num_pending_adds += 1
         self._send(("add", req))
@@ -72,9 +76,12 @@ class AsyncEngine:
         self._send(("abort", req_id))
 
     def shutdown(self) -> None:
-        self._stopped = True
+        """Stops the engine thread; streams still open end with EngineDeadError."""
+        with self._lock:
+            self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout=30)
+        self._fail_all(EngineDeadError("engine is shut down"), record=False)
 
     def load(self) -> dict[str, int]:
         """A snapshot of queue depths and KV usage (read without locking; may be a step old)."""
@@ -95,20 +102,20 @@ class AsyncEngine:
     # ---- engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        engine = self.engine
-        while not self._stopped:
-            self._apply_commands()
-            if not engine.has_unfinished_requests():
-                self._wakeup.wait(timeout=0.5)
-                self._wakeup.clear()
-                continue
-            try:
-                outputs = engine.step()
-            except BaseException as exc:  # noqa: BLE001 - the loop must report, not die silently
-                self._fail_all(exc)
-                return
-            for out in outputs:
-                self._deliver(out.req_id, out, final=out.finished)
+        try:
+            while not self._stopped:
+                self._run_once()
+        except BaseException as exc:  # noqa: BLE001 - the loop must report, not die silently
+            self._fail_all(exc)
+
+    def _run_once(self) -> None:
+        self._apply_commands()
+        if not self.engine.has_unfinished_requests():
+            self._wakeup.wait(timeout=0.5)
+            self._wakeup.clear()
+            return
+        for out in self.engine.step():
+            self._deliver(out.req_id, out, final=out.finished)
 
     def _apply_commands(self) -> None:
         while True:
@@ -131,13 +138,24 @@ class AsyncEngine:
     def _deliver(self, req_id: str, item, final: bool) -> None:
         with self._lock:
             target = self._streams.pop(req_id, None) if final else self._streams.get(req_id)
-        if target is not None:
-            loop, out_q = target
+        if target is None:
+            return
+        loop, out_q = target
+        try:
             loop.call_soon_threadsafe(out_q.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            if not final:
+                with self._lock:
+                    self._streams.pop(req_id, None)
+                self._send(("abort", req_id))
 
-    def _fail_all(self, exc: BaseException) -> None:
-        self.error = exc
+    def _fail_all(self, exc: BaseException, record: bool = True) -> None:
         with self._lock:
+            if record:
+                self.error = exc
             streams, self._streams = self._streams, {}
         for loop, out_q in streams.values():
-            loop.call_soon_threadsafe(out_q.put_nowait, EngineDeadError(repr(exc)))
+            try:
+                loop.call_soon_threadsafe(out_q.put_nowait, EngineDeadError(repr(exc)))
+            except RuntimeError:
+                pass

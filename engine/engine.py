@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.config import EngineConfig
-from engine.errors import InvalidArgument
+from engine.errors import InvalidArgument, ResourceExhausted
 from engine.kv_cache_manager import KVCacheManager
 from engine.messages import CompletionOutput, RequestOutput, TokenLogprob
 from engine.model_runner import CAPTURE_FINAL_HIDDEN, ModelRunner
@@ -39,8 +39,11 @@ class Engine:
         self.runner = ModelRunner(config.model, config.cache)
         self.tokenizer = Tokenizer(self.runner.model_dir)
         self.vocab_size = self.runner.config.vocab_size
-        self.max_model_len = config.model.max_model_len or \
-            self.runner.config.max_position_embeddings
+        max_positions = self.runner.config.max_position_embeddings
+        self.max_model_len = config.model.max_model_len or max_positions
+        if self.max_model_len > max_positions:
+            raise ValueError(f"max_model_len={self.max_model_len}: the model has position "
+                             f"embeddings for {max_positions} tokens")
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
@@ -80,6 +83,12 @@ class Engine:
                 "max_new_tokens", f"prompt ({len(token_ids)} tokens) + max_new_tokens "
                 f"({params.max_new_tokens}) needs {needed} KV blocks but the cache holds only "
                 f"{self.kv_cache.num_blocks}; it could never be scheduled")
+        sched = self.config.scheduler
+        if not sched.enable_chunked_prefill and max_tokens > sched.max_num_batched_tokens:
+            # Without chunking, a recompute after preemption must fit one step's budget.
+            raise InvalidArgument(
+                "max_new_tokens", f"prompt + max_new_tokens ({max_tokens} tokens) exceeds "
+                f"max_num_batched_tokens={sched.max_num_batched_tokens} with chunked prefill off")
         for name in captures:
             if name != CAPTURE_FINAL_HIDDEN and not _is_layer_capture(
                     name, self.runner.config.num_hidden_layers):
@@ -116,9 +125,11 @@ class Engine:
         if parent is None or parent.status != RequestStatus.RUNNING:
             raise InvalidArgument("request_id", f"{req_id!r} is not a running request")
         child_id = child_id or f"{req_id}/fork-{next(self._req_counter)}"
+        if child_id in self.scheduler.requests:
+            raise InvalidArgument("child_id", f"{child_id!r} is already a request")
         copies = self.kv_cache.fork(parent.req_id, child_id, parent.num_computed_tokens)
         if copies is None:
-            raise InvalidArgument("request_id", "no free KV block to fork into")
+            raise ResourceExhausted("no free KV block to fork into")
         child = Request(child_id, parent.prompt_token_ids, params or parent.params,
                         self._seed_rng.getrandbits(63), parent.eos_token_ids, parent.captures,
                         parent.extra_key)
@@ -167,15 +178,31 @@ class Engine:
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[CompletionOutput]:
-        """Generates for all prompts at once (one continuously batched run), in input order."""
+        """Generates for all prompts in one continuously batched run; results in input order.
+
+        Requests are fed in as the waiting queue has room, so any number of prompts works.
+        """
         params_list = list(params) if isinstance(params, (list, tuple)) else \
             [params or SamplingParams()] * len(prompts)
         reqs = [self.make_request(p, sp) for p, sp in zip(prompts, params_list)]
-        for req in reqs:
-            self.add_request(req)
-        while self.has_unfinished_requests():
-            self.step()
+        pending = list(reversed(reqs))
+        try:
+            while pending or self.has_unfinished_requests():
+                while pending and self._has_room(pending[-1]):
+                    self.add_request(pending.pop())
+                self.step()
+        except BaseException:
+            for req in reqs:
+                self.abort(req.req_id)
+            raise
         return [self.outputs.completion(i, req) for i, req in enumerate(reqs)]
+
+    def _has_room(self, req: Request) -> bool:
+        sched, cfg = self.scheduler, self.config.scheduler
+        # An empty queue always takes a request, so one larger than the token cap still runs.
+        return not sched.waiting or (len(sched.waiting) < cfg.max_waiting_requests and
+                                     sched.num_waiting_tokens + req.num_tokens
+                                     <= cfg.max_waiting_tokens)
 
 
 def _is_layer_capture(name: str, num_layers: int) -> bool:

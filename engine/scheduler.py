@@ -20,6 +20,9 @@ from engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
+    """Owns the waiting and running queues and decides, each step, how many tokens every
+    request computes. Pure Python: it sees KV memory only through the KVCacheManager facade."""
+
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
         self.config = config
         self.kv = kv_cache_manager
@@ -38,7 +41,9 @@ class Scheduler:
         cfg = self.config
         if len(self.waiting) >= cfg.max_waiting_requests:
             raise ResourceExhausted(f"waiting queue is full ({cfg.max_waiting_requests} requests)")
-        if self._num_waiting_tokens + req.num_tokens > cfg.max_waiting_tokens:
+        # An empty queue takes any prompt: a single prompt above the cap could otherwise
+        # never run.
+        if self.waiting and self._num_waiting_tokens + req.num_tokens > cfg.max_waiting_tokens:
             raise ResourceExhausted(
                 f"waiting queue is full ({cfg.max_waiting_tokens} prompt tokens)")
         self.requests[req.req_id] = req
@@ -52,7 +57,11 @@ class Scheduler:
         self.running.append(req)
 
     def add_block_copies(self, copies: list[tuple[int, int]]) -> None:
-        self._pending_copies.extend(copies)
+        """Queues (src, dst) KV block copies for the next step. A copy whose source is itself
+        the destination of a pending copy (a fork of a fork within one step) is redirected to
+        the original source: all copies of a step run at once, before anything is written."""
+        pending = {dst: src for src, dst in self._pending_copies}
+        self._pending_copies.extend((pending.get(src, src), dst) for src, dst in copies)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Removes `req` from the queues and frees its KV blocks."""
@@ -67,12 +76,18 @@ class Scheduler:
         self.requests.pop(req.req_id, None)
 
     @property
+    def num_waiting_tokens(self) -> int:
+        return self._num_waiting_tokens
+
+    @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
     # ---- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        """Plans one step: running requests first (preempting on KV shortage), then waiting
+        ones if nothing was preempted. Block copies queued by forks ride along."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
@@ -130,14 +145,17 @@ class Scheduler:
             self.waiting.popleft()
             self._num_waiting_tokens -= req.num_tokens
             req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = req.num_cached_tokens = num_cached
+            if req.num_preemptions == 0:  # report prefix hits of the first admission only
+                req.num_cached_tokens = num_cached
+            req.num_computed_tokens = num_cached
             self.running.append(req)
             scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
-        return ScheduledRequest(request=req, num_new_tokens=num_new,
-                                block_ids=self.kv.get_block_ids(req.req_id))
+        return ScheduledRequest(
+            request=req, num_new_tokens=num_new, block_ids=self.kv.get_block_ids(req.req_id),
+            samples=req.num_computed_tokens + num_new == req.num_tokens)
 
     def update_from_output(self, output: SchedulerOutput) -> None:
         """Advances `num_computed_tokens` of every request that ran this step."""

@@ -14,12 +14,8 @@ class ScheduledRequest(msgspec.Struct, kw_only=True):
     are fed this step."""
     block_ids: list[int]
     """The request's whole block table after this step's allocation."""
-
-    @property
-    def samples(self) -> bool:
-        """True when this step computes the last known token, so its logits are sampled."""
-        req = self.request
-        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+    samples: bool
+    """True when this step computes the last known token, so its logits are sampled."""
 
 
 class SchedulerOutput(msgspec.Struct, kw_only=True):

@@ -38,6 +38,8 @@ class PagedAttention(nn.Module):
         flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_k.index_copy_(0, meta.slot_mapping, k)
         flat_v.index_copy_(0, meta.slot_mapping, v)
+        if not meta.prefills:  # an all-decode step: no output buffer to assemble
+            return self._decode(q, k_cache, v_cache, meta).view(q.shape[0], -1)
         out = torch.empty_like(q)
         if meta.num_decode_tokens:
             n = meta.num_decode_tokens

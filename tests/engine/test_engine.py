@@ -83,6 +83,36 @@ def test_fork_shares_blocks_and_both_branches_continue_exactly(engine):
     _assert_all_blocks_free(engine)
 
 
+def test_fork_of_a_fork_in_one_step_copies_from_the_original(engine):
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = engine.generate([PROMPT], params)[0].token_ids
+    req_id = engine.add_request(PROMPT, params)
+    outputs: dict[str, list[int]] = {req_id: []}
+    for _ in range(3):
+        for out in engine.step():
+            outputs[out.req_id] += out.new_token_ids
+    child = engine.fork(req_id)
+    grandchild = engine.fork(child)  # its copy source is a block the first copy fills
+    with pytest.raises(InvalidArgument) as err:
+        engine.fork(req_id, child_id=child)
+    assert err.value.field == "child_id"
+    for branch in (child, grandchild):
+        outputs[branch] = list(outputs[req_id])
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.req_id] += out.new_token_ids
+    assert all(tokens == expected for tokens in outputs.values())
+    _assert_all_blocks_free(engine)
+
+
+def test_offline_generate_takes_more_prompts_than_the_waiting_cap(model_dir):
+    engine = Engine(make_engine_config(model_dir, num_blocks=64, max_waiting_requests=2))
+    outs = engine.generate([f"Item {i}:" for i in range(5)],
+                           SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [3] * 5
+    _assert_all_blocks_free(engine)
+
+
 def test_captures_match_hf_hidden_states(engine, hf_model, hf_tokenizer):
     ids = hf_tokenizer(PROMPT).input_ids
     req_id = engine.add_request(ids, SamplingParams(max_new_tokens=1, temperature=0.0),
@@ -181,10 +211,26 @@ def test_async_stream_matches_offline_and_cancel_frees_blocks(engine):
             await asyncio.sleep(0.05)
         return False
 
+    async def duplicate_id_is_refused():
+        stream = front.generate(PROMPT, params, req_id="dup")
+        first = await stream.__anext__()
+        with pytest.raises(InvalidArgument):
+            await front.generate(PROMPT, params, req_id="dup").__anext__()
+        rest = [out async for out in stream]
+        return first.new_token_ids + [t for out in rest for t in out.new_token_ids]
+
+    async def abandon_after_first_delta():
+        async for _ in front.generate(PROMPT, params):
+            break  # asyncio.run then closes this loop while the engine still runs the request
+
     try:
         tokens, text, finals = asyncio.run(stream_all())
         assert (tokens, text, finals) == (offline.token_ids, offline.text, 1)
         assert asyncio.run(cancel_midway())
+        assert asyncio.run(duplicate_id_is_refused()) == offline.token_ids
+        asyncio.run(abandon_after_first_delta())
+        assert asyncio.run(stream_all())[0] == offline.token_ids  # the engine thread lives on
+        assert front.error is None
     finally:
         front.shutdown()
     _assert_all_blocks_free(engine)

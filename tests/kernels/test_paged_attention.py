@@ -72,3 +72,18 @@ def test_rejects_bad_shapes():
         paged_decode_attention(torch.zeros(1, 9, 64), k, k, tables.int(), lens, 1.0)
     with pytest.raises(ValueError, match="dtype mismatch"):
         paged_decode_attention(torch.zeros(1, 9, 64).bfloat16(), k, k, tables, lens, 1.0)
+
+
+def test_rejects_out_of_range_tables():
+    k = torch.zeros(2, BLOCK_SIZE, 3, 64)
+    q = torch.zeros(1, 9, 64)
+    one_block = torch.zeros(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="context_lens must be in"):
+        paged_decode_attention(q, k, k, one_block, torch.tensor([BLOCK_SIZE + 1]), 1.0)
+    with pytest.raises(ValueError, match="context_lens must be in"):
+        paged_decode_attention(q, k, k, one_block, torch.tensor([0]), 1.0)
+    with pytest.raises(ValueError, match="block ids"):
+        paged_decode_attention(q, k, k, one_block + 2, torch.tensor([1]), 1.0)
+    with pytest.raises(ValueError, match="expected block_tables"):
+        paged_decode_attention(q, k, k, torch.zeros(2, 1, dtype=torch.long),
+                               torch.tensor([1, 1]), 1.0)

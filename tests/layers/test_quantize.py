@@ -57,7 +57,7 @@ def _first_step_logits(engine, req, seq) -> torch.Tensor:
     from engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
     engine.kv_cache.allocate_slots(req.req_id, seq, 0, len(seq))
-    item = ScheduledRequest(request=req, num_new_tokens=len(seq),
+    item = ScheduledRequest(request=req, num_new_tokens=len(seq), samples=True,
                             block_ids=engine.kv_cache.get_block_ids(req.req_id))
     out = engine.runner.execute(SchedulerOutput(scheduled=[item]))
     engine.kv_cache.free(req.req_id)

@@ -13,6 +13,26 @@ def is_available() -> bool:
     return load_extension() is not None
 
 
+def _check_tables(q, k_cache, v_cache, block_tables, context_lens) -> None:
+    # The kernel trusts these bounds when it computes addresses, so they are checked here.
+    num_seqs = q.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or \
+            context_lens.shape != (num_seqs,):
+        raise ValueError(f"expected block_tables [{num_seqs}, max_blocks] and context_lens "
+                         f"[{num_seqs}], got {tuple(block_tables.shape)} and "
+                         f"{tuple(context_lens.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    if num_seqs == 0:
+        return
+    max_len = block_tables.shape[1] * k_cache.shape[1]
+    lo, hi = int(context_lens.min()), int(context_lens.max())
+    if lo < 1 or hi > max_len:
+        raise ValueError(f"context_lens must be in [1, {max_len}], got [{lo}, {hi}]")
+    if int(block_tables.min()) < 0 or int(block_tables.max()) >= k_cache.shape[0]:
+        raise ValueError(f"block ids must be in [0, {k_cache.shape[0]})")
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            scale: float) -> torch.Tensor:
@@ -41,6 +61,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("block_tables and context_lens must be int64")
     if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
         raise ValueError(f"dtype mismatch: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
+    _check_tables(q, k_cache, v_cache, block_tables, context_lens)
     ext = load_extension()
     if ext is None or q.device.type != "cpu":
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables,

@@ -11,6 +11,8 @@ vectorise to the widest SIMD the CPU has) and cached by torch's extension builde
 from __future__ import annotations
 
 import functools
+import hashlib
+import platform
 
 import torch
 
@@ -89,6 +91,18 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
 """
 
 
+def _cpu_tag() -> str:
+    """Names the build after the CPU's instruction sets: a `-march=native` binary cached for
+    one CPU must never be loaded on another (it would die with SIGILL)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
 @functools.cache
 def load_extension():
     """Compiles (first call on a machine) and loads the extension; None if it cannot build."""
@@ -96,7 +110,7 @@ def load_extension():
 
     try:
         return load_inline(
-            name="polydecode_paged_attention_cpu", cpp_sources=[_SOURCE],
+            name=f"polydecode_paged_attention_cpu_{_cpu_tag()}", cpp_sources=[_SOURCE],
             functions=["paged_decode_attention"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
             verbose=False)
