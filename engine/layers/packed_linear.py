@@ -10,7 +10,11 @@ reference is untouched. It is applied from outside the model code, after loading
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+MIN_PACKED_ROWS = 8
+"""Inputs with fewer rows than this use the plain weight (see `PackedLinear.forward`)."""
 
 
 class PackedLinear(nn.Module):
@@ -26,6 +30,10 @@ class PackedLinear(nn.Module):
             linear.weight.detach(), batch_hint), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < MIN_PACKED_ROWS:
+            # Matrix-vector sized products are memory bound: packing buys nothing there, and
+            # MKL's packed path was measured to stall at M = 1.
+            return F.linear(x, self.weight, self.bias)
         return torch.ops.mkl._mkl_linear(x, self.packed_weight, self.weight, self.bias,
                                          self.batch_hint)
 
