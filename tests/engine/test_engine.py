@@ -60,14 +60,26 @@ def test_abort_running_and_waiting_requests_frees_every_block(model_dir):
     _assert_all_blocks_free(engine)
 
 
-def test_fork_shares_blocks_and_both_branches_continue_exactly(engine):
-    params = SamplingParams(max_new_tokens=20, temperature=0.0, ignore_eos=True)
+def _start_greedy(engine: Engine, max_new_tokens: int, num_steps: int):
+    """(greedy reference output, running req_id, tokens streamed so far per request)."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
     expected = engine.generate([PROMPT], params)[0].token_ids
     req_id = engine.add_request(PROMPT, params)
     outputs: dict[str, list[int]] = {req_id: []}
-    for _ in range(4):
+    _run(engine, outputs, num_steps)
+    return expected, req_id, outputs
+
+
+def _run(engine: Engine, outputs: dict[str, list[int]], num_steps: int | None = None) -> None:
+    step = 0
+    while engine.has_unfinished_requests() and (num_steps is None or step < num_steps):
         for out in engine.step():
             outputs[out.req_id] += out.new_token_ids
+        step += 1
+
+
+def test_fork_shares_blocks_and_both_branches_continue_exactly(engine):
+    expected, req_id, outputs = _start_greedy(engine, max_new_tokens=20, num_steps=4)
     parent = engine.scheduler.requests[req_id]
     num_tokens = parent.num_computed_tokens
     assert num_tokens % engine.kv_cache.block_size != 0  # the partial block is copied
@@ -76,21 +88,13 @@ def test_fork_shares_blocks_and_both_branches_continue_exactly(engine):
     shared = engine.kv_cache.get_block_ids(child_id)[:-1]
     assert shared == engine.kv_cache.get_block_ids(req_id)[:len(shared)]
     assert all(engine.kv_cache.block_pool.blocks[b].ref_cnt == 2 for b in shared)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outputs[out.req_id] += out.new_token_ids
+    _run(engine, outputs)
     assert outputs[req_id] == expected and outputs[child_id] == expected
     _assert_all_blocks_free(engine)
 
 
 def test_fork_of_a_fork_in_one_step_copies_from_the_original(engine):
-    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
-    expected = engine.generate([PROMPT], params)[0].token_ids
-    req_id = engine.add_request(PROMPT, params)
-    outputs: dict[str, list[int]] = {req_id: []}
-    for _ in range(3):
-        for out in engine.step():
-            outputs[out.req_id] += out.new_token_ids
+    expected, req_id, outputs = _start_greedy(engine, max_new_tokens=12, num_steps=3)
     child = engine.fork(req_id)
     grandchild = engine.fork(child)  # its copy source is a block the first copy fills
     with pytest.raises(InvalidArgument) as err:
@@ -98,9 +102,7 @@ def test_fork_of_a_fork_in_one_step_copies_from_the_original(engine):
     assert err.value.field == "child_id"
     for branch in (child, grandchild):
         outputs[branch] = list(outputs[req_id])
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            outputs[out.req_id] += out.new_token_ids
+    _run(engine, outputs)
     assert all(tokens == expected for tokens in outputs.values())
     _assert_all_blocks_free(engine)
 
