@@ -37,6 +37,13 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
 
 
 class ModelRunner:
+    """Loads the model and owns the per-layer KV cache tensors.
+
+    The KV cache of each layer is `[num_blocks + 1, block_size, num_kv_heads, head_dim]` for K
+    and for V; block ids come from the KVCacheManager, which never hands out the last (null)
+    block.
+    """
+
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig) -> None:
         self.model_dir = resolve_model_dir(model_config.model)
         self.hf_config = load_hf_config(self.model_dir)
@@ -94,6 +101,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        """Performs the step's block copies, then one forward over every scheduled token.
+
+        Returns logits (and requested captures) for the requests whose last known token was
+        computed this step, in `req_ids` order; other requests (mid-prefill chunks) get none.
+        """
         # Single-token rows first: they form the batched decode group of the attention.
         items = sorted(output.scheduled, key=lambda s: s.num_new_tokens > 1)
         # Step inputs (ids, slots, masks) are built on the model's device. The device context
