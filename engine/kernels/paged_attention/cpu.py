@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import platform
+import sys
+import warnings
 
 import torch
 
@@ -108,11 +111,17 @@ def load_extension():
     """Compiles (first call on a machine) and loads the extension; None if it cannot build."""
     from torch.utils.cpp_extension import load_inline
 
+    # The ninja build tool comes with the Python environment (a pip dependency); make it
+    # findable when that environment's bin/ is not on PATH (e.g. `.venv/bin/python -m ...`).
+    env_bin = os.path.dirname(sys.executable)
+    if env_bin not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
     try:
         return load_inline(
             name=f"polydecode_paged_attention_cpu_{_cpu_tag()}", cpp_sources=[_SOURCE],
             functions=["paged_decode_attention"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
             verbose=False)
-    except Exception:  # noqa: BLE001 - no compiler / headers: the torch path still works
+    except Exception as exc:  # noqa: BLE001 - no compiler / headers: the torch path still works
+        warnings.warn(f"paged decode kernel unavailable, using the torch path: {exc}")
         return None
