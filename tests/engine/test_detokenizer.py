@@ -1,13 +1,10 @@
-import os
-from pathlib import Path
-
 import pytest
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.detokenizer import IncrementalDetokenizer, StopChecker, StopMatch
 
-transformers = pytest.importorskip("transformers")
 
 # (prompt, output) pairs; outputs are decoded on their own by the oracle, so each starts the way
 # a generated continuation would (usually with a space).
@@ -21,14 +18,6 @@ DECODE_CASES = [
     ("", "No prompt at all"),
     ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "Hello there!<|im_end|>"),
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    path = Path(os.environ.get("POLYDECODE_TEST_MODEL_DIR", "/tmp/smol"))
-    if not (path / "tokenizer.json").exists():
-        pytest.skip(f"no test model at {path}")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from engine.sampler import (
     Sampler,
@@ -17,7 +16,6 @@ from engine.sampler import (
 )
 from engine.sampling_params import SamplingParams
 
-transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -299,14 +297,6 @@ def test_hash_uniform_decorrelated_across_seeds_steps_and_tokens(base_seed):
 
 # --- the sampled distribution against HF on the real model -------------------------------------
 
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    path = Path(os.environ.get("POLYDECODE_TEST_MODEL_DIR", "/tmp/smol"))
-    if not (path / "model.safetensors").exists():
-        pytest.skip(f"no test model at {path}")
-    return path
-
-
 PROMPTS = {
     "capital": "The capital of France is",
     "code": "def fibonacci(n):\n   ",
@@ -315,10 +305,9 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def first_step_logits(model_dir) -> dict[str, tuple[list[int], torch.Tensor]]:
+def first_step_logits(hf_model, hf_tokenizer) -> dict[str, tuple[list[int], torch.Tensor]]:
     """prompt name -> (prompt token ids, `[vocab_size]` float32 logits of the next token)."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer, model = hf_tokenizer, hf_model
     result = {}
     with torch.no_grad():
         for name, prompt in PROMPTS.items():
