@@ -120,6 +120,10 @@ class Engine:
 
         The child starts with the parent's tokens and computed state; full blocks are shared
         by reference count and the partially filled last block is copied before the next step.
+        The child inherits every token the parent has, including the last sampled one, so the
+        branches diverge from the next sampled token on (each branch has its own seed). A
+        parent still in prefill shares only what is computed; the child computes the rest
+        of the prompt itself.
         """
         parent = self.scheduler.requests.get(req_id)
         if parent is None or parent.status != RequestStatus.RUNNING:
