@@ -56,7 +56,10 @@ class AsyncEngine:
                 raise EngineDeadError(str(self.error or "engine is shut down"))
             if req.req_id in self._streams:
                 raise InvalidArgument("request_id", f"{req.req_id!r} is already running")
-            self._check_capacity()
+            error = self.engine.scheduler.admission_error(req.num_tokens,
+                                                          self._num_pending_adds)
+            if error is not None:
+                raise ResourceExhausted(error)
             self._streams[req.req_id] = (loop, out_q)
             self._num_pending_adds += 1
         self._send(("add", req))
@@ -89,11 +92,6 @@ class AsyncEngine:
         return {"running": len(sched.running), "waiting": len(sched.waiting),
                 "kv_blocks_used": kv.num_blocks - kv.num_free_blocks,
                 "kv_blocks_total": kv.num_blocks}
-
-    def _check_capacity(self) -> None:
-        cfg = self.engine.config.scheduler
-        if len(self.engine.scheduler.waiting) + self._num_pending_adds >= cfg.max_waiting_requests:
-            raise ResourceExhausted(f"waiting queue is full ({cfg.max_waiting_requests} requests)")
 
     def _send(self, command) -> None:
         self._commands.put(command)

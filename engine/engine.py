@@ -192,7 +192,7 @@ class Engine:
         pending = list(reversed(reqs))
         try:
             while pending or self.has_unfinished_requests():
-                while pending and self._has_room(pending[-1]):
+                while pending and self.scheduler.admission_error(pending[-1].num_tokens) is None:
                     self.add_request(pending.pop())
                 self.step()
         except BaseException:
@@ -200,13 +200,6 @@ class Engine:
                 self.abort(req.req_id)
             raise
         return [self.outputs.completion(i, req) for i, req in enumerate(reqs)]
-
-    def _has_room(self, req: Request) -> bool:
-        sched, cfg = self.scheduler, self.config.scheduler
-        # An empty queue always takes a request, so one larger than the token cap still runs.
-        return not sched.waiting or (len(sched.waiting) < cfg.max_waiting_requests and
-                                     sched.num_waiting_tokens + req.num_tokens
-                                     <= cfg.max_waiting_tokens)
 
 
 def _is_layer_capture(name: str, num_layers: int) -> bool:

@@ -149,11 +149,12 @@ class ModelRunner:
             input_ids += req.all_token_ids[start:end]
             positions += range(start, end)
             table = item.block_ids
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             if item.num_new_tokens == 1:
+                slots.append(table[start // bs] * bs + start % bs)
                 decode_tables.append(table)
                 decode_lens.append(end)
-            else:
+            else:  # one tensor op for a whole chunk's slots, no per-token Python loop
+                slots += self._context_slots(table, end)[start:].tolist()
                 prefills.append(self._prefill_chunk(q_start, start, end, table))
             if item.samples:
                 sample_rows.append(len(input_ids) - 1)

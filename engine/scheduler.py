@@ -36,16 +36,25 @@ class Scheduler:
 
     # ---- admission and removal -------------------------------------------------------------
 
-    def add_request(self, req: Request) -> None:
-        """Queues `req`; raises ResourceExhausted when the waiting queue is at its cap."""
+    def admission_error(self, num_tokens: int, num_pending: int = 0) -> str | None:
+        """Why a request of `num_tokens` cannot join the waiting queue now (None if it can).
+
+        `num_pending` counts requests already accepted upstream but not yet queued.
+        """
         cfg = self.config
-        if len(self.waiting) >= cfg.max_waiting_requests:
-            raise ResourceExhausted(f"waiting queue is full ({cfg.max_waiting_requests} requests)")
+        if len(self.waiting) + num_pending >= cfg.max_waiting_requests:
+            return f"waiting queue is full ({cfg.max_waiting_requests} requests)"
         # An empty queue takes any prompt: a single prompt above the cap could otherwise
         # never run.
-        if self.waiting and self._num_waiting_tokens + req.num_tokens > cfg.max_waiting_tokens:
-            raise ResourceExhausted(
-                f"waiting queue is full ({cfg.max_waiting_tokens} prompt tokens)")
+        if self.waiting and self._num_waiting_tokens + num_tokens > cfg.max_waiting_tokens:
+            return f"waiting queue is full ({cfg.max_waiting_tokens} prompt tokens)"
+        return None
+
+    def add_request(self, req: Request) -> None:
+        """Queues `req`; raises ResourceExhausted when the waiting queue is at its cap."""
+        error = self.admission_error(req.num_tokens)
+        if error is not None:
+            raise ResourceExhausted(error)
         self.requests[req.req_id] = req
         self.waiting.append(req)
         self._num_waiting_tokens += req.num_tokens
@@ -74,10 +83,6 @@ class Scheduler:
         req.status = status
         self.kv.free(req.req_id)
         self.requests.pop(req.req_id, None)
-
-    @property
-    def num_waiting_tokens(self) -> int:
-        return self._num_waiting_tokens
 
     @property
     def num_unfinished(self) -> int:
