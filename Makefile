@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all serve test bench bench-peers model clean
+.PHONY: all serve test bench bench-peers model proto clean
 
 all: test
 
@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	$(VENV)/bin/polydecode model-path
 
+# Serves the default model on 127.0.0.1:50051 (SERVE_ARGS adds flags: --port, --model, ...).
 serve: model
-	$(VENV)/bin/polydecode generate --max-new-tokens 64
+	$(VENV)/bin/polydecode serve $(SERVE_ARGS)
+
+# Regenerates the committed gRPC stubs in server/pb from proto/ (grpcio-tools, pinned).
+proto: $(STAMP)
+	$(PY) proto/build_stubs.py
 
 test: model
 	$(PY) -m pytest -q tests

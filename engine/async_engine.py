@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from engine.engine import Engine
 from engine.errors import InvalidArgument, ResourceExhausted
@@ -27,8 +27,11 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """Thread-safe streaming front of an `Engine`; see the module docstring."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        """`on_error` is called once, on the engine thread, if the engine loop fails."""
         self.engine = engine
+        self._on_error = on_error
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -41,15 +44,16 @@ class AsyncEngine:
 
     # ---- caller side -------------------------------------------------------------------------
 
-    async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                       req_id: str | None = None, captures: Sequence[str] = ()
-                       ) -> AsyncIterator[RequestOutput]:
-        """Streams the request's deltas; the last one has `finished=True`.
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               req_id: str | None = None, captures: Sequence[str] = (),
+               extra_key=None) -> RequestStream:
+        """Admits a request now and returns its stream of deltas (call from an event loop).
 
-        Raises InvalidArgument / ResourceExhausted before the first delta when the request is
-        refused, EngineDeadError if the engine fails while it runs.
+        Raises InvalidArgument / ResourceExhausted / EngineDeadError when the request is
+        refused. The caller must exhaust or `aclose()` the stream; closing it early aborts
+        the request and frees its KV blocks.
         """
-        req = self.engine.make_request(prompt, params, req_id, captures)
+        req = self.engine.make_request(prompt, params, req_id, captures, extra_key)
         loop, out_q = asyncio.get_running_loop(), asyncio.Queue()
         with self._lock:
             if self.error is not None or self._stopped:
@@ -63,20 +67,47 @@ class AsyncEngine:
             self._streams[req.req_id] = (loop, out_q)
             self._num_pending_adds += 1
         self._send(("add", req))
-        finished = False
-        try:
-            while not finished:
-                item = out_q.get_nowait() if not out_q.empty() else await out_q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self._send(("abort", req.req_id))
+        return RequestStream(self, req.req_id, req.num_prompt_tokens, out_q)
 
-    def abort(self, req_id: str) -> None:
-        self._send(("abort", req_id))
+    async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                       req_id: str | None = None, captures: Sequence[str] = (),
+                       extra_key=None) -> AsyncIterator[RequestOutput]:
+        """Streams the request's deltas; the last one has `finished=True`.
+
+        Raises InvalidArgument / ResourceExhausted before the first delta when the request is
+        refused, EngineDeadError if the engine fails while it runs.
+        """
+        stream = self.submit(prompt, params, req_id, captures, extra_key)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
+    def abort(self, req_id: str) -> bool:
+        """Aborts a streaming request; its stream ends with finish_reason "abort".
+
+        Returns whether `req_id` was streaming (thread-safe; the abort itself runs on the
+        engine thread before its next step).
+        """
+        with self._lock:
+            known = req_id in self._streams
+        if known:
+            self._send(("abort", req_id))
+        return known
+
+    def abort_all(self) -> int:
+        """Aborts every streaming request; returns how many."""
+        with self._lock:
+            req_ids = list(self._streams)
+        for req_id in req_ids:
+            self._send(("abort", req_id))
+        return len(req_ids)
+
+    @property
+    def num_streams(self) -> int:
+        """Requests accepted and not yet finished (queued, running, or about to be added)."""
+        return len(self._streams)
 
     def shutdown(self) -> None:
         """Stops the engine thread; streams still open end with EngineDeadError."""
@@ -91,7 +122,7 @@ class AsyncEngine:
         sched, kv = self.engine.scheduler, self.engine.kv_cache
         return {"running": len(sched.running), "waiting": len(sched.waiting),
                 "kv_blocks_used": kv.num_blocks - kv.num_free_blocks,
-                "kv_blocks_total": kv.num_blocks}
+                "kv_blocks_total": kv.num_blocks, "num_preemptions": sched.num_preemptions}
 
     def _send(self, command) -> None:
         self._commands.put(command)
@@ -105,6 +136,8 @@ class AsyncEngine:
                 self._run_once()
         except BaseException as exc:  # noqa: BLE001 - the loop must report, not die silently
             self._fail_all(exc)
+            if self._on_error is not None:
+                self._on_error(exc)
 
     def _run_once(self) -> None:
         self._apply_commands()
@@ -157,3 +190,39 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(out_q.put_nowait, EngineDeadError(repr(exc)))
             except RuntimeError:
                 pass
+
+
+class RequestStream:
+    """The deltas of one admitted request; the last one has `finished=True`.
+
+    An async iterator rather than an async generator so that closing it aborts the request
+    even when it was never iterated (a generator's `finally` would not run then).
+    """
+
+    def __init__(self, front: AsyncEngine, req_id: str, num_prompt_tokens: int,
+                 out_q: asyncio.Queue) -> None:
+        self.req_id = req_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.finished = False
+        self._front = front
+        self._out_q = out_q
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out_q = self._out_q
+        item = out_q.get_nowait() if not out_q.empty() else await out_q.get()
+        if isinstance(item, BaseException):
+            self.finished = True  # the engine already forgot the request
+            raise item
+        self.finished = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        """Aborts the request unless it finished (idempotent)."""
+        if not self.finished:
+            self.finished = True
+            self._front._send(("abort", self.req_id))

@@ -29,6 +29,10 @@ class RequestOutput(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """Capture name -> tensor for this step, when the request asked for activations."""
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    num_forward_tokens: int = 0
+    """Tokens run forward for this request so far (prefill chunks, recomputes, decodes)."""
+    queue_time: float | None = None
+    """Seconds from arrival to the first step that ran the request (None: never ran)."""
 
 
 class CompletionOutput(msgspec.Struct, kw_only=True):

@@ -72,7 +72,10 @@ class OutputProcessor:
             num_output_tokens=req.num_output_tokens, finished=finished,
             finish_reason=req.status.value if finished else None, stop_reason=req.stop_reason,
             logprobs=[logprob] if logprob is not None else None, captures=captures,
-            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
+            num_forward_tokens=req.num_forward_tokens,
+            queue_time=None if req.first_scheduled_time is None
+            else req.first_scheduled_time - req.arrival_time)
 
     def finish(self, req: Request) -> RequestOutput:
         """The final delta of a request that ended outside a step (abort)."""

@@ -50,6 +50,10 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        """When a step first ran this request (the end of its queueing time)."""
+        self.num_forward_tokens = 0
+        """Tokens the model ran forward for this request, recomputes included (its cost)."""
         self.detokenizer = None
         self.stop_reason: int | str | None = None
         self.output_text = ""

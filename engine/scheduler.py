@@ -10,6 +10,7 @@ head of the waiting queue with `num_computed_tokens = 0`.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from engine.config import SchedulerConfig
@@ -164,5 +165,10 @@ class Scheduler:
 
     def update_from_output(self, output: SchedulerOutput) -> None:
         """Advances `num_computed_tokens` of every request that ran this step."""
+        now = time.monotonic()
         for item in output.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
+            req = item.request
+            req.num_computed_tokens += item.num_new_tokens
+            req.num_forward_tokens += item.num_new_tokens
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now

@@ -30,9 +30,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf(text, add_special_tokens=add_special_tokens).input_ids
 
-    def apply_chat_template(self, text: str) -> list[int]:
-        """Token ids of `text` as a single user turn, with the generation prompt appended."""
-        messages = [{"role": "user", "content": text}]
+    def apply_chat_template(self, text_or_messages: str | list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation (`{"role", "content"}` dicts; a string is one user
+        turn) in the model's chat template, with the assistant's generation prompt appended."""
+        messages = text_or_messages if isinstance(text_or_messages, list) else \
+            [{"role": "user", "content": text_or_messages}]
         out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                           return_dict=True)
         return list(out["input_ids"])

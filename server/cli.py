@@ -8,6 +8,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import msgspec
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_PROMPT = "The three most useful things to know about paged attention are"
 
@@ -40,6 +42,24 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logprobs", type=int, default=None, help="return top-N logprobs")
 
 
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics over HTTP on this port")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests may run after SIGTERM")
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="waiting-queue cap; beyond it requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-queued-prompt-tokens", type=int, default=1 << 20,
+                   help="waiting-queue cap in prompt tokens")
+    p.add_argument("--max-prompt-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="largest stopping.max_new_tokens a request may ask for")
+    p.add_argument("--max-stop-sequences", type=int, default=8)
+    p.add_argument("--max-top-logprobs", type=int, default=20)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polydecode")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,8 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts-file", help='JSONL file, one {"prompt": "..."} per line')
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+    p.add_argument("--server", default=None, metavar="ADDR",
+                   help="generate through a running server (host:port) instead of offline")
+    p = sub.add_parser("serve", help="serve the model over gRPC")
+    _add_model_args(p)
+    _add_serve_args(p)
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("which", choices=["throughput"])
+    p.add_argument("which", choices=["throughput", "serve"])
     p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
@@ -69,7 +94,31 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [f"bench/{args.which}.py", *args.args]
         runpy.run_path(str(REPO_ROOT / "bench" / f"{args.which}.py"), run_name="__main__")
         return 0
+    if args.command == "serve":
+        return _serve(args)
+    if args.server:
+        from server.client import generate_remote
+
+        return generate_remote(args, _read_prompts(args))
     return _generate(args)
+
+
+def _serve(args) -> int:
+    from server.app import run
+    from server.config import Limits, ServerConfig
+
+    engine_config = make_engine_config(args)
+    scheduler = msgspec.structs.replace(
+        engine_config.scheduler, max_waiting_requests=args.max_queued_requests,
+        max_waiting_tokens=args.max_queued_prompt_tokens)
+    config = ServerConfig(
+        host=args.host, port=args.port, metrics_port=args.metrics_port,
+        drain_timeout_s=args.drain_timeout, limits=Limits(
+            max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+            max_stop_sequences=args.max_stop_sequences,
+            max_top_logprobs=args.max_top_logprobs))
+    run(msgspec.structs.replace(engine_config, scheduler=scheduler), config)
+    return 0
 
 
 def _read_prompts(args) -> list[str | list[int]]:

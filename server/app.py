@@ -1,0 +1,121 @@
+"""The gRPC server: Generation service, grpc.health.v1, reflection, metrics, drain on SIGTERM.
+
+Health ("" and "polydecode.v1.Generation") reads NOT_SERVING until the model is loaded and
+warmed up, and again from the moment a drain starts or the engine fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.config import EngineConfig
+from server.config import ServerConfig
+from server.engine_client import EngineClient
+from server.metrics import Metrics
+from server.pb import pb, pb_grpc
+from server.servicer import GenerationServicer
+
+log = logging.getLogger("polydecode.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+_MAX_MESSAGE_BYTES = 16 << 20
+
+
+class GenerationServer:
+    """One server process: `await start()` (binds, then loads), `await drain()`, `stop()`."""
+
+    def __init__(self, engine_config: EngineConfig, config: ServerConfig | None = None) -> None:
+        self.config = config = config or ServerConfig()
+        self.client = EngineClient(engine_config, on_engine_error=self._on_engine_error)
+        self.metrics = Metrics(lambda: self.client.front.load() if self.client.front else None)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
+        pb_grpc.add_GenerationServicer_to_server(
+            GenerationServicer(self.client, self.metrics, config.limits), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stopped = asyncio.Event()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Binds and answers health NOT_SERVING at once; SERVING after load and warmup."""
+        self._loop = asyncio.get_running_loop()
+        await self._set_health(False)
+        await self.server.start()
+        log.info("listening on %s:%d; loading %s", self.config.host, self.port,
+                 self.client.config.model.model)
+        if self.config.metrics_port is not None:
+            self.metrics.serve_http(self.config.metrics_port, self.config.host)
+        await self.client.start(warmup=self.config.warmup)
+        await self._set_health(True)
+        log.info("serving on %s:%d", self.config.host, self.port)
+
+    def _on_engine_error(self, exc: BaseException) -> None:
+        # Called on the engine thread: hop onto the server's loop.
+        log.error("engine failed: %r; health -> NOT_SERVING", exc)
+        if self._loop is not None and not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._set_health(False), self._loop)
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """NOT_SERVING, refuse new requests, let in-flight ones finish up to the timeout,
+        abort the rest, then stop the gRPC server and the engine."""
+        await self._set_health(False)
+        timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        await self.client.drain(timeout_s)
+        await self.stop(grace=1.0)
+
+    async def stop(self, grace: float | None = 0) -> None:
+        await self.server.stop(grace)
+        await asyncio.to_thread(self.client.shutdown)
+        self.stopped.set()
+
+
+async def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
+    """Runs until SIGTERM/SIGINT (drain); a second signal aborts everything at once."""
+    server = GenerationServer(engine_config, config)
+    loop = asyncio.get_running_loop()
+    starting = loop.create_task(server.start())
+    draining: list[asyncio.Task] = []
+
+    def on_signal(signum: int) -> None:
+        if not starting.done() or draining:
+            log.warning("signal %d: stopping now", signum)
+            starting.cancel()
+            if server.client.front is not None:
+                server.client.front.abort_all()
+            draining.append(loop.create_task(server.stop(grace=0)))
+            return
+        log.info("signal %d: draining (up to %.0f s)", signum, config.drain_timeout_s)
+        draining.append(loop.create_task(server.drain()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await starting
+    except asyncio.CancelledError:
+        pass
+    await server.stopped.wait()
+
+
+def run(engine_config: EngineConfig, config: ServerConfig) -> None:
+    """Blocking entry point on uvloop."""
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    uvloop.run(serve(engine_config, config))

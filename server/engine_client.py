@@ -1,0 +1,166 @@
+"""The server's handle on the engine: readiness, draining, admission, time limits, cancel.
+
+Every accepted request is a `Tracked` stream. Leaving it early (client cancel, gRPC deadline,
+an error while writing) closes it, which aborts the request on the engine thread and frees its
+KV blocks. A soft `time_limit_s` and the call's deadline are enforced by timers on the event
+loop that abort the request; the stream then ends with the engine's final "abort" output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from engine.async_engine import AsyncEngine, RequestStream
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.messages import RequestOutput
+from engine.sampling_params import SamplingParams
+from server.convert import Submission
+from server.errors import Unavailable
+
+log = logging.getLogger("polydecode.server")
+
+WARMUP_PROMPT = "Hello"
+
+
+class Tracked:
+    """One admitted request: its engine stream plus the server-side clock."""
+
+    def __init__(self, client: EngineClient, sub: Submission, stream: RequestStream) -> None:
+        self.sub = sub
+        self.req_id = stream.req_id
+        self.num_prompt_tokens = stream.num_prompt_tokens
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.time_limited = False
+        self._client = client
+        self._stream = stream
+        self._timers: list[asyncio.TimerHandle] = []
+        self._closed = False
+
+    def arm(self, deadline_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        if self.sub.time_limit_s is not None:
+            self._timers.append(loop.call_later(self.sub.time_limit_s, self._time_limit))
+        if deadline_s is not None:  # the client stops listening then: free the KV at once
+            self._timers.append(loop.call_later(max(deadline_s, 0.0), self._deadline))
+
+    def _time_limit(self) -> None:
+        if not self._stream.finished:
+            self.time_limited = True
+            self._client.front.abort(self.req_id)
+
+    def _deadline(self) -> None:
+        if not self._stream.finished:
+            self._client.front.abort(self.req_id)
+
+    def __aiter__(self) -> Tracked:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        out = await self._stream.__anext__()
+        if out.new_token_ids and self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        return out
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for timer in self._timers:
+            timer.cancel()
+        await self._stream.aclose()
+        self._client._release()
+
+    def elapsed_ms(self, since: float | None = None) -> float:
+        end = since if since is not None else time.monotonic()
+        return (end - self.arrival) * 1000.0
+
+
+class EngineClient:
+    """Owns the AsyncEngine; see the module docstring."""
+
+    def __init__(self, config: EngineConfig,
+                 on_engine_error: Callable[[BaseException], None] | None = None) -> None:
+        self.config = config
+        self.front: AsyncEngine | None = None
+        self.ready = False
+        self.draining = False
+        self._on_engine_error = on_engine_error
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def engine(self) -> Engine:
+        assert self.front is not None, "engine not loaded"
+        return self.front.engine
+
+    async def start(self, warmup: bool = True) -> None:
+        """Loads the model (off the event loop), then runs one short generation."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+        engine = await asyncio.to_thread(Engine, self.config)
+        self.front = AsyncEngine(engine, on_error=self._on_engine_error)
+        if warmup:
+            params = SamplingParams(max_new_tokens=2, temperature=0.0)
+            async for _ in self.front.generate(WARMUP_PROMPT, params, f"warmup-{uuid.uuid4()}"):
+                pass
+        self.ready = True
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise Unavailable("server is draining")
+        if not self.ready:
+            raise Unavailable("model is loading")
+
+    def submit(self, sub: Submission, deadline_s: float | None = None) -> Tracked:
+        """Admits a converted request (raises InvalidArgument / ResourceExhausted /
+        Unavailable); the caller must exhaust or close the returned stream."""
+        self.check_accepting()
+        stream = self.front.submit(sub.prompt_token_ids, sub.params,
+                                   sub.request_id or uuid.uuid4().hex, extra_key=sub.extra_key)
+        tracked = Tracked(self, sub, stream)
+        self._inflight += 1
+        self._idle.clear()
+        tracked.arm(deadline_s)
+        return tracked
+
+    def _release(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    @property
+    def num_inflight(self) -> int:
+        return self._inflight
+
+    def abort(self, req_ids) -> int:
+        return sum(self.front.abort(r) for r in req_ids) if self.front else 0
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuses new requests, waits up to `timeout_s` for in-flight ones, aborts the rest.
+
+        Returns how many requests were aborted.
+        """
+        self.draining = True
+        if self._idle is None or self.front is None:
+            return 0
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return 0
+        except asyncio.TimeoutError:
+            aborted = self.front.abort_all()
+            log.warning("drain timeout: aborting %d requests", aborted)
+            try:
+                await asyncio.wait_for(self._idle.wait(), 5.0)
+            except asyncio.TimeoutError:
+                log.error("%d requests still open after abort", self._inflight)
+            return aborted
+
+    def shutdown(self) -> None:
+        if self.front is not None:
+            self.front.shutdown()
