@@ -18,12 +18,10 @@ from engine.config import EngineConfig
 from server.config import ServerConfig
 from server.engine_client import EngineClient
 from server.metrics import Metrics
-from server.pb import pb, pb_grpc
-from server.servicer import GenerationServicer
+from server.servicer import SERVICE_NAME, add_generation_service
 
 log = logging.getLogger("polydecode.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 _MAX_MESSAGE_BYTES = 16 << 20
 
 
@@ -38,8 +36,7 @@ class GenerationServer:
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
-        pb_grpc.add_GenerationServicer_to_server(
-            GenerationServicer(self.client, self.metrics, config.limits), self.server)
+        add_generation_service(self.server, self.client, self.metrics, config.limits)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

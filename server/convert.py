@@ -235,9 +235,8 @@ def _finish_reason(out: RequestOutput, sub: Submission, max_model_len: int,
 
 def model_info(engine, ctx: Context, strategies) -> pb.ModelInfo:
     cfg, limits = engine.config, ctx.limits
-    hf_config = engine.runner.config
     return pb.ModelInfo(
-        model=cfg.model.model, family=getattr(hf_config, "model_type", ""),
+        model=cfg.model.model, family=engine.runner.hf_config.get("model_type", ""),
         max_context=ctx.max_model_len, vocab_size=ctx.vocab_size,
         eos_token_ids=list(engine.tokenizer.eos_token_ids), strategies=list(strategies),
         constraints=[], dtype=cfg.model.dtype, kv_block_size=cfg.cache.block_size,

@@ -18,6 +18,12 @@ from server.metrics import Metrics, RequestTimer
 from server.pb import pb, pb_grpc
 
 SUPPORTED_STRATEGIES = ("greedy", "sampling")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+def add_generation_service(server: grpc.aio.Server, client: EngineClient, metrics: Metrics,
+                           limits) -> None:
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(client, metrics, limits), server)
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):

@@ -44,3 +44,13 @@ def test_decoding_sees_only_its_base(path: Path):
 def test_allocator_and_scheduler_are_pure_python(name: str):
     imports = _imports(ROOT / name)
     assert not {n for n in imports if n.split(".")[0] in ("torch", "numpy")}, name
+
+
+@pytest.mark.parametrize("path", _files("server"), ids=str)
+def test_only_convert_sees_both_protobuf_and_engine_types(path: Path):
+    if path.name == "convert.py" or "pb" in path.relative_to(ROOT).parts:
+        return
+    imports = _imports(path)
+    sees_proto = any(n.startswith("server.pb") for n in imports)
+    sees_engine = any(n.startswith("engine") for n in imports)
+    assert not (sees_proto and sees_engine), f"{path} imports both server.pb and engine"
