@@ -159,16 +159,15 @@ class Scheduler:
             budget -= num_new
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.monotonic()
         return ScheduledRequest(
             request=req, num_new_tokens=num_new, block_ids=self.kv.get_block_ids(req.req_id),
             samples=req.num_computed_tokens + num_new == req.num_tokens)
 
     def update_from_output(self, output: SchedulerOutput) -> None:
         """Advances `num_computed_tokens` of every request that ran this step."""
-        now = time.monotonic()
         for item in output.scheduled:
             req = item.request
             req.num_computed_tokens += item.num_new_tokens
             req.num_forward_tokens += item.num_new_tokens
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now

@@ -1,0 +1,138 @@
+"""Bad requests get the right status with the offending field named, and leave nothing behind."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from server.pb import pb
+from tests.server.conftest import text_request
+
+INVALID, UNIMPLEMENTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED
+
+
+def _req(**fields) -> pb.GenerateRequest:
+    request = text_request("Hello there", 8)
+    for path, value in fields.items():
+        target, *rest = path.split("__")
+        msg = request
+        for name in [target, *rest][:-1]:
+            msg = getattr(msg, name)
+        leaf = [target, *rest][-1]
+        if isinstance(value, list):
+            getattr(msg, leaf).extend(value)
+        elif isinstance(value, dict):
+            getattr(msg, leaf).update(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(msg, leaf).CopyFrom(value)
+        else:
+            setattr(msg, leaf, value)
+    return request
+
+
+def _prompt(*segments: pb.Segment, messages=()) -> pb.Prompt:
+    return pb.Prompt(segments=list(segments), messages=list(messages))
+
+
+VOCAB = 49152
+CASES = [
+    ("empty prompt", _req(prompt=_prompt()), INVALID, "prompt"),
+    ("segments and messages", _req(prompt=_prompt(pb.Segment(text="a"), messages=[
+        pb.ChatMessage(role="user", content="b")])), INVALID, "prompt"),
+    ("empty segment", _req(prompt=_prompt(pb.Segment())), INVALID, "prompt.segments[0]"),
+    ("empty token list", _req(prompt=_prompt(pb.Segment(text="a"), pb.Segment(
+        tokens=pb.TokenIds()))), INVALID, "prompt.segments[1].tokens"),
+    ("token id >= vocab", _req(prompt=_prompt(pb.Segment(tokens=pb.TokenIds(ids=[1, VOCAB])))),
+     INVALID, "prompt.segments[0].tokens"),
+    ("empty text", _req(prompt=_prompt(pb.Segment(text=""))), INVALID, "prompt"),
+    ("bad chat role", _req(prompt=_prompt(messages=[pb.ChatMessage(role="robot", content="x")])),
+     INVALID, "prompt.messages[0].role"),
+    ("prompt too long", _req(prompt=_prompt(pb.Segment(tokens=pb.TokenIds(ids=[5] * 9000)))),
+     INVALID, "prompt"),
+    ("max_new_tokens over limit", _req(stopping__max_new_tokens=100000), INVALID,
+     "stopping.max_new_tokens"),
+    ("min > max new tokens", _req(stopping__min_new_tokens=20), INVALID,
+     "stopping.min_new_tokens"),
+    ("too many stop sequences", _req(stopping__stop_sequences=["a", "b", "c", "d", "e"]),
+     INVALID, "stopping.stop_sequences"),
+    ("stop sequence too long", _req(stopping__stop_sequences=["x" * 300]), INVALID,
+     "stopping.stop_sequences"),
+    ("empty stop sequence", _req(stopping__stop_sequences=[""]), INVALID,
+     "stopping.stop_sequences"),
+    ("stop token >= vocab", _req(stopping__stop_token_ids=[VOCAB + 1]), INVALID,
+     "stopping.stop_token_ids"),
+    ("negative temperature", _req(decoding__sampling=pb.Sampling(temperature=-1.0)), INVALID,
+     "decoding.sampling.temperature"),
+    ("nan temperature", _req(decoding__sampling=pb.Sampling(temperature=float("nan"))),
+     INVALID, "decoding.sampling.temperature"),
+    ("top_p zero", _req(decoding__sampling=pb.Sampling(top_p=0.0)), INVALID,
+     "decoding.sampling.top_p"),
+    ("top_p above one", _req(decoding__sampling=pb.Sampling(top_p=1.5)), INVALID,
+     "decoding.sampling.top_p"),
+    ("min_p above one", _req(decoding__sampling=pb.Sampling(min_p=2.0)), INVALID,
+     "decoding.sampling.min_p"),
+    ("seed too large", _req(decoding__sampling=pb.Sampling(seed=2**63)), INVALID,
+     "decoding.sampling.seed"),
+    ("negative repetition penalty", _req(penalties__repetition=-1.0), INVALID,
+     "penalties.repetition"),
+    ("frequency penalty out of range", _req(penalties__frequency=3.0), INVALID,
+     "penalties.frequency"),
+    ("presence penalty nan", _req(penalties__presence=float("nan")), INVALID,
+     "penalties.presence"),
+    ("logit bias too large", _req(penalties__logit_bias={5: 1000.0}), INVALID,
+     "penalties.logit_bias"),
+    ("logit bias token >= vocab", _req(penalties__logit_bias={VOCAB: 1.0}), INVALID,
+     "penalties.logit_bias"),
+    ("too many top logprobs", _req(response__top_logprobs=50), INVALID,
+     "response.top_logprobs"),
+    ("request id too long", _req(request_id="r" * 300), INVALID, "request_id"),
+    ("parallel set of one", _req(prompt=_prompt(pb.Segment(parallel=pb.ParallelSet(
+        members=[pb.TextOrTokens(text="a")])))), INVALID, "prompt.segments[0].parallel.members"),
+    ("parallel set too big", _req(prompt=_prompt(pb.Segment(parallel=pb.ParallelSet(
+        members=[pb.TextOrTokens(text="a")] * 5)))), INVALID,
+     "prompt.segments[0].parallel.members"),
+    ("parallel empty member", _req(prompt=_prompt(pb.Segment(parallel=pb.ParallelSet(
+        members=[pb.TextOrTokens(text="a"), pb.TextOrTokens(text="")])))), INVALID,
+     "prompt.segments[0].parallel.members[1]"),
+    ("parallel set (not yet)", _req(prompt=_prompt(pb.Segment(parallel=pb.ParallelSet(
+        members=[pb.TextOrTokens(text="a"), pb.TextOrTokens(text="b")])))), UNIMPLEMENTED,
+     "prompt.segments[0].parallel"),
+    ("contrastive (not yet)", _req(decoding__contrastive=pb.ContrastiveSearch(top_k=4)),
+     UNIMPLEMENTED, "decoding.contrastive"),
+    ("beam (not yet)", _req(decoding__beam=pb.BeamSearch(num_beams=2)), UNIMPLEMENTED,
+     "decoding.beam"),
+    ("knn-lm (not yet)", _req(decoding__knn_lm=pb.KnnLm(k=8)), UNIMPLEMENTED, "decoding.knn_lm"),
+    ("regex constraint (not yet)", _req(constraint__regex="[0-9]+"), UNIMPLEMENTED,
+     "constraint.regex"),
+    ("priority (not yet)", _req(priority=3), UNIMPLEMENTED, "priority"),
+    ("prompt logprobs (not yet)", _req(response__prompt_logprobs=True), UNIMPLEMENTED,
+     "response.prompt_logprobs"),
+]
+
+
+@pytest.mark.parametrize("request_, code, field", [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_request_names_the_field(served, request_, code, field):
+    for rpc in (served.stub.Generate, lambda r: list(served.stub.GenerateStream(r))):
+        with pytest.raises(grpc.RpcError) as err:
+            rpc(request_)
+        assert err.value.code() == code, err.value.details()
+        assert err.value.details().startswith(f"{field}:"), err.value.details()
+
+
+def test_bad_requests_leave_the_server_idle_and_serving(served):
+    load = served.wait_idle()
+    assert (load.running, load.waiting, load.kv_blocks_used) == (0, 0, 0)
+    assert served.stub.Generate(text_request("Still alive?", 4)).finished.usage.completion_tokens
+
+
+def test_duplicate_running_request_id_is_refused(served):
+    request = text_request("A long answer:", 200, request_id="dup")
+    request.stopping.ignore_eos = True
+    call = served.stub.GenerateStream(request)
+    next(iter(call))
+    with pytest.raises(grpc.RpcError) as err:
+        served.stub.Generate(text_request("Again", 4, request_id="dup"))
+    assert err.value.code() == INVALID and err.value.details().startswith("request_id:")
+    call.cancel()
+    assert served.wait_idle().kv_blocks_used == 0

@@ -1,0 +1,159 @@
+"""Health at start and on drain, queue overflow, engine failure, and `polydecode serve` under
+SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.config import Limits
+from server.pb import pb, pb_grpc
+from server.servicer import SERVICE_NAME
+from tests.server.conftest import start_server, text_request
+
+SERVING, NOT_SERVING = (health_pb2.HealthCheckResponse.SERVING,
+                        health_pb2.HealthCheckResponse.NOT_SERVING)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _long_request(request_id: str, max_new_tokens: int = 400) -> pb.GenerateRequest:
+    request = text_request("Write a long essay about rivers.", max_new_tokens,
+                           request_id=request_id)
+    request.stopping.ignore_eos = True
+    return request
+
+
+def test_health_start_and_drain(model_dir):
+    harness = start_server(model_dir, wait_ready=False, drain_timeout_s=30.0)
+    try:
+        seen = set()
+        while not harness.started.done():  # the port answers before the model is loaded
+            try:
+                seen.add(harness.readiness())
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+        harness.started.result()
+        assert NOT_SERVING in seen and harness.readiness() == SERVING
+        call = harness.stub.GenerateStream(_long_request("in-flight", 40))
+        events = iter(call)
+        next(events)
+        future = asyncio.run_coroutine_threadsafe(harness.server.drain(), harness.loop)
+        deadline = time.monotonic() + 10
+        while harness.readiness() != NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert harness.readiness() == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            harness.stub.Generate(text_request("new call", 4))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        rest = list(events)  # the in-flight request finishes normally during the drain
+        assert rest[-1].finished.reason == pb.FINISH_LENGTH
+        assert rest[-1].finished.usage.completion_tokens == 40
+        future.result(timeout=60)
+        assert harness.server.stopped.is_set()
+    finally:
+        harness.close()
+
+
+def test_drain_timeout_aborts_the_rest(model_dir):
+    harness = start_server(model_dir, drain_timeout_s=0.5, limits=Limits(max_new_tokens=500))
+    try:
+        call = harness.stub.GenerateStream(_long_request("slow", 500))
+        events = iter(call)
+        next(events), next(events)
+        harness.call(harness.server.drain())
+        last = list(events)[-1]
+        assert last.finished.reason == pb.FINISH_CANCELLED
+        assert 0 < last.finished.usage.completion_tokens < 500
+        assert harness.server.client.front is not None
+        kv = harness.server.client.engine.kv_cache
+        assert kv.num_free_blocks == kv.num_blocks
+    finally:
+        harness.close()
+
+
+def test_queue_overflow_answers_resource_exhausted(model_dir):
+    harness = start_server(model_dir, max_num_seqs=1, max_waiting_requests=2)
+    try:
+        calls = [harness.stub.GenerateStream(_long_request(f"q{i}")) for i in range(3)]
+        for call in calls:
+            next(iter(call))  # started: admitted (1 running + 2 waiting)
+        with pytest.raises(grpc.RpcError) as err:
+            harness.stub.Generate(text_request("one too many", 4))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "waiting queue is full" in err.value.details()
+        retry = dict(err.value.trailing_metadata() or ()).get("grpc-status-details-bin")
+        assert retry, "RESOURCE_EXHAUSTED carries google.rpc.RetryInfo details"
+        for call in calls:
+            call.cancel()
+        assert harness.wait_idle().kv_blocks_used == 0
+        assert harness.stub.Generate(text_request("room again", 4)).token_ids
+    finally:
+        harness.close()
+
+
+def test_engine_failure_answers_internal_and_turns_not_serving(model_dir):
+    harness = start_server(model_dir)
+    try:
+        runner = harness.server.client.engine.runner
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("simulated kernel failure")
+
+        runner.execute = broken
+        with pytest.raises(grpc.RpcError) as err:
+            harness.stub.Generate(text_request("doomed", 4))
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        deadline = time.monotonic() + 10
+        while harness.readiness() != NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert harness.readiness() == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            harness.stub.Generate(text_request("after", 4))
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+    finally:
+        harness.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_polydecode_serve_answers_and_exits_cleanly_on_sigterm(model_dir):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", str(port), "--model",
+         str(model_dir), "--num-blocks", "128"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                timeout=1).status == SERVING:
+                    break
+            except grpc.RpcError:
+                assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        stub = pb_grpc.GenerationStub(channel)
+        assert len(stub.Generate(text_request("Hi", 4)).token_ids) > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "draining" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
