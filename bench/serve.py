@@ -1,9 +1,10 @@
 """Online serving: an asyncio gRPC load generator for the polydecode server (`vllm bench serve`).
 
 For each concurrency level c (default 1, 8, 32) it sends `--num-prompts` prompts (default
-max(4, 2c)) through `GenerateStream`, at most c in flight (all start at once, a semaphore keeps
+max(4, 3c)) through `GenerateStream`, at most c in flight (all start at once, a semaphore keeps
 c running). Prompts are bench/shapes.py's random token ids of 16-256 tokens, sent as token-id
-segments, greedy, `max_new_tokens` with ignore-eos so every output has the same length. Every
+segments, greedy, ignore-eos, output lengths uniform in [(1 - r) max, max] (r =
+`--output-range-ratio`, 0.5; equal lengths would make whole waves finish together). Every
 message is timestamped on the client; the metrics follow vLLM's `calculate_metrics`:
 completed / failed (by gRPC status code), duration, request and token throughput, and TTFT, TPOT
 ((e2e - ttft) / (n_out - 1)), ITL (gaps between consecutive token deltas, pooled) and E2E
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import gc
 import os
+import random
 import signal
 import socket
 import statistics
@@ -69,6 +71,7 @@ def log(msg: str) -> None:
 class RequestRecord:
     """Client-side timings (seconds, from `send`) and the server's Finished fields."""
     prompt_len: int
+    index: int = 0  # submission order; the first `concurrency` form the opening burst
     send: float = 0.0
     msg_times: list[float] = field(default_factory=list)  # every message, since `send`
     ttft: float | None = None
@@ -117,15 +120,17 @@ async def send_one(stub, request: pb.GenerateRequest, timeout: float) -> Request
     return rec
 
 
-async def run_level(stub, prompts: list[list[int]], concurrency: int, max_new: int,
+async def run_level(stub, prompts: list[list[int]], concurrency: int, max_new: list[int],
                     salt: str, timeout: float) -> tuple[list[RequestRecord], float]:
     """All requests start at once; a semaphore keeps at most `concurrency` in flight."""
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int, prompt: list[int]) -> RequestRecord:
         async with sem:
-            request = make_request(prompt, max_new, f"{salt}-{i}", salt)
-            return await send_one(stub, request, timeout)
+            request = make_request(prompt, max_new[i], f"{salt}-{i}", salt)
+            record = await send_one(stub, request, timeout)
+            record.index = i
+            return record
 
     start = time.perf_counter()
     records = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
@@ -168,6 +173,10 @@ def calculate_metrics(records: list[RequestRecord], duration: float, concurrency
         "total_tok_s": round((n_in + n_out) / duration, 1),
         "total_input_tokens": n_in, "total_output_tokens": n_out,
         "ttft_ms": summarize_ms([r.ttft for r in ok if r.ttft is not None]),
+        # The opening burst (c requests sent at the same instant) waits for all c prefills
+        # together; later requests arrive one at a time as others finish (steady state).
+        "ttft_steady_ms": summarize_ms([r.ttft for r in ok
+                                        if r.ttft is not None and r.index >= concurrency]),
         "tpot_ms": summarize_ms([(r.e2e - r.ttft) / (r.n_out - 1) for r in ok
                                  if r.n_out > 1 and r.ttft is not None]),
         "itl_ms": summarize_ms([gap for r in ok for gap in r.itl]),
@@ -193,6 +202,15 @@ def print_level(m: dict) -> None:
         f"client CPU {m['client_cpu_s']}s")
 
 
+def output_lengths(args, prompts: list[list[int]]) -> list[int]:
+    """Per-request max_new_tokens, uniform in [(1 - r) * max_new_tokens, max_new_tokens]
+    (vLLM's --random-range-ratio). Equal lengths would make every wave of `concurrency`
+    requests finish, and the next wave arrive, in the same step: a burst each time."""
+    rng = random.Random(len(prompts))
+    low = max(1, round(args.max_new_tokens * (1 - args.output_range_ratio)))
+    return [rng.randint(low, args.max_new_tokens) for _ in prompts]
+
+
 # ---- offline reference ---------------------------------------------------------------------
 
 
@@ -215,7 +233,7 @@ def run_offline(args, prompts: list[list[int]], max_num_seqs: int) -> tuple[dict
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs)))
     try:
         run_engine(engine, prompts[:4], 8)  # warm-up: allocator, oneDNN kernel selection
-        elapsed, n_out = run_engine(engine, prompts, args.max_new_tokens)
+        elapsed, n_out = run_engine(engine, prompts, output_lengths(args, prompts))
         longest = max(prompts, key=len)
         prefill = [run_engine(engine, [longest], 1)[0] for _ in range(args.prefill_repeats)]
     finally:
@@ -343,8 +361,8 @@ async def load_test(args, address: str, levels: list[tuple[int, list[list[int]]]
         for i, (c, prompts) in enumerate(levels):
             salt = f"bench-{run_id}-{i}-c{c}"  # no prefix-cache hits across levels
             cpu = time.process_time()
-            records, duration = await run_level(stub, prompts, c, args.max_new_tokens, salt,
-                                                args.request_timeout)
+            records, duration = await run_level(stub, prompts, c, output_lengths(args, prompts),
+                                                salt, args.request_timeout)
             metrics = calculate_metrics(records, duration, c)
             metrics["client_cpu_s"] = round(time.process_time() - cpu, 2)  # client's own CPU
             print_level(metrics)
@@ -361,7 +379,8 @@ def build_record(args, info: dict, levels: list[dict], offline: dict | None,
                  prefill_ms: float | None) -> dict:
     record = {"bench": "serve", "model": info.get("model") or _local_model_name(args),
               "dtype": args.dtype, "quantization": args.quantization, "threads": args.threads,
-              "max_new_tokens": args.max_new_tokens, "levels": levels, "offline": offline,
+              "max_new_tokens": args.max_new_tokens,
+              "output_range_ratio": args.output_range_ratio, "levels": levels, "offline": offline,
               "prefill_longest_ms": prefill_ms}
     top = max(levels, key=lambda m: m["concurrency"])
     record["server_over_offline_at_max_concurrency"] = (
@@ -370,7 +389,11 @@ def build_record(args, info: dict, levels: list[dict], offline: dict | None,
     ttft_p99 = c8["ttft_ms"]["p99"] if c8 else None
     ratio = round(ttft_p99 / prefill_ms, 2) if ttft_p99 and prefill_ms else None
     record["ttft_p99_c8_over_prefill_longest"] = ratio
+    steady_p99 = c8["ttft_steady_ms"]["p99"] if c8 else None
+    steady = round(steady_p99 / prefill_ms, 2) if steady_p99 and prefill_ms else None
+    record["ttft_steady_p99_c8_over_prefill_longest"] = steady
     record["ttft_target_met"] = None if ratio is None else ratio <= 2.0
+    record["ttft_steady_target_met"] = None if steady is None else steady <= 2.0
     record["machine"] = machine()
     return record
 
@@ -421,8 +444,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(default: start one on a free local port)")
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     ap.add_argument("--num-prompts", type=int, default=None,
-                    help="prompts per level (default: max(4, 2 x concurrency))")
+                    help="prompts per level (default: max(4, 3 x concurrency))")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--output-range-ratio", type=float, default=0.5,
+                    help="output lengths uniform in [(1-r) x max, max]; 0 = all equal")
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quantization", default="none", choices=["none", "int8"])
@@ -443,7 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    levels = [(c, random_prompts(args.num_prompts or max(4, 2 * c), THROUGHPUT["min_len"],
+    levels = [(c, random_prompts(args.num_prompts or max(4, 3 * c), THROUGHPUT["min_len"],
                                  THROUGHPUT["max_len"])) for c in args.levels]
     max_num_seqs = args.max_num_seqs or max(args.levels)
     offline, prefill_ms = None, None

@@ -35,8 +35,12 @@ from engine.sampling_params import SamplingParams  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], max_new: int) -> tuple[float, int]:
-    params = SamplingParams(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
+def run_engine(engine: Engine, prompts: list[list[int]], max_new: int | list[int]
+               ) -> tuple[float, int]:
+    """Greedy, ignore-eos generation of `max_new` tokens (one count, or one per prompt)."""
+    lengths = max_new if isinstance(max_new, list) else [max_new] * len(prompts)
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+              for n in lengths]
     start = time.perf_counter()
     outs = engine.generate(prompts, params)
     elapsed = time.perf_counter() - start

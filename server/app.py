@@ -7,14 +7,18 @@ warmed up, and again from the moment a drain starts or the engine fails.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
+import threading
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.engine import Engine
 from server.config import ServerConfig
 from server.engine_client import EngineClient
 from server.metrics import Metrics
@@ -28,9 +32,12 @@ _MAX_MESSAGE_BYTES = 16 << 20
 class GenerationServer:
     """One server process: `await start()` (binds, then loads), `await drain()`, `stop()`."""
 
-    def __init__(self, engine_config: EngineConfig, config: ServerConfig | None = None) -> None:
+    def __init__(self, engine_config: EngineConfig, config: ServerConfig | None = None,
+                 engine_future=None) -> None:
+        """`engine_future`: see `EngineClient` (None: the engine gets its own thread)."""
         self.config = config = config or ServerConfig()
-        self.client = EngineClient(engine_config, on_engine_error=self._on_engine_error)
+        self.client = EngineClient(engine_config, on_engine_error=self._on_engine_error,
+                                   engine_future=engine_future)
         self.metrics = Metrics(lambda: self.client.front.load() if self.client.front else None)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=[
@@ -83,26 +90,29 @@ class GenerationServer:
         self.stopped.set()
 
 
-async def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
-    """Runs until SIGTERM/SIGINT (drain); a second signal aborts everything at once."""
-    server = GenerationServer(engine_config, config)
+async def serve(engine_config: EngineConfig, config: ServerConfig, engine_future,
+                on_signal_ready) -> None:
+    """Runs until a signal drains the server; a second signal aborts everything at once.
+
+    `on_signal_ready(handler)` receives the thread-safe signal handler to install.
+    """
+    server = GenerationServer(engine_config, config, engine_future)
     loop = asyncio.get_running_loop()
     starting = loop.create_task(server.start())
-    draining: list[asyncio.Task] = []
+    stopping: list[asyncio.Task] = []
 
     def on_signal(signum: int) -> None:
-        if not starting.done() or draining:
+        if not starting.done() or stopping:
             log.warning("signal %d: stopping now", signum)
             starting.cancel()
             if server.client.front is not None:
                 server.client.front.abort_all()
-            draining.append(loop.create_task(server.stop(grace=0)))
+            stopping.append(loop.create_task(server.stop(grace=0)))
             return
         log.info("signal %d: draining (up to %.0f s)", signum, config.drain_timeout_s)
-        draining.append(loop.create_task(server.drain()))
+        stopping.append(loop.create_task(server.drain()))
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
+    on_signal_ready(lambda signum: loop.call_soon_threadsafe(on_signal, signum))
     try:
         await starting
     except asyncio.CancelledError:
@@ -110,9 +120,43 @@ async def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
     await server.stopped.wait()
 
 
-def run(engine_config: EngineConfig, config: ServerConfig) -> None:
-    """Blocking entry point on uvloop."""
+def run(engine_config: EngineConfig, config: ServerConfig) -> int:
+    """Blocking entry point: gRPC on a uvloop thread; the engine is built and stepped on the
+    main thread (see `AsyncEngine`: torch CPU work must stay on one thread)."""
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    uvloop.run(serve(engine_config, config))
+    engine_future: concurrent.futures.Future = concurrent.futures.Future()
+    handler: list = []
+    failure: list[BaseException] = []
+
+    def grpc_thread() -> None:
+        try:
+            uvloop.run(serve(engine_config, config, engine_future, handler.append))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            failure.append(exc)
+        if engine_future.done() and engine_future.exception() is None:
+            engine_future.result().shutdown()  # the main thread's loop returns
+
+    def on_signal(signum, _frame) -> None:
+        if not handler:
+            raise SystemExit(128 + signum)
+        handler[0](signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    thread = threading.Thread(target=grpc_thread, name="polydecode-grpc", daemon=True)
+    thread.start()
+    try:
+        front = AsyncEngine(Engine(engine_config), start_thread=False)
+    except Exception as exc:  # noqa: BLE001 - the gRPC thread reports it
+        engine_future.set_exception(exc)
+    else:
+        engine_future.set_result(front)
+        if thread.is_alive():
+            front.run_forever()
+    thread.join()
+    if failure:
+        log.error("server failed: %r", failure[0], exc_info=failure[0])
+        return 1
+    return 0

@@ -117,8 +117,7 @@ def _serve(args) -> int:
             max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
             max_stop_sequences=args.max_stop_sequences,
             max_top_logprobs=args.max_top_logprobs))
-    run(msgspec.structs.replace(engine_config, scheduler=scheduler), config)
-    return 0
+    return run(msgspec.structs.replace(engine_config, scheduler=scheduler), config)
 
 
 def _read_prompts(args) -> list[str | list[int]]:

@@ -9,6 +9,7 @@ loop that abort the request; the stream then ends with the engine's final "abort
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 import uuid
@@ -85,8 +86,13 @@ class EngineClient:
     """Owns the AsyncEngine; see the module docstring."""
 
     def __init__(self, config: EngineConfig,
-                 on_engine_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_engine_error: Callable[[BaseException], None] | None = None,
+                 engine_future: concurrent.futures.Future | None = None) -> None:
+        """`engine_future`, if given, is resolved by another thread with an AsyncEngine whose
+        loop that thread runs (the process's main thread, see `AsyncEngine`); otherwise the
+        engine is built on a worker thread and the AsyncEngine starts its own loop thread."""
         self.config = config
+        self._engine_future = engine_future
         self.front: AsyncEngine | None = None
         self.ready = False
         self.draining = False
@@ -103,8 +109,12 @@ class EngineClient:
         """Loads the model (off the event loop), then runs one short generation."""
         self._idle = asyncio.Event()
         self._idle.set()
-        engine = await asyncio.to_thread(Engine, self.config)
-        self.front = AsyncEngine(engine, on_error=self._on_engine_error)
+        if self._engine_future is not None:
+            self.front = await asyncio.wrap_future(self._engine_future)
+            self.front.on_error = self._on_engine_error
+        else:
+            engine = await asyncio.to_thread(Engine, self.config)
+            self.front = AsyncEngine(engine, on_error=self._on_engine_error)
         if warmup:
             params = SamplingParams(max_new_tokens=2, temperature=0.0)
             async for _ in self.front.generate(WARMUP_PROMPT, params, f"warmup-{uuid.uuid4()}"):
