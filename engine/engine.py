@@ -14,6 +14,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.errors import InvalidArgument, ResourceExhausted
+from engine.generation import Generations, max_branches
 from engine.kv_cache_manager import KVCacheManager
 from engine.messages import CompletionOutput, RequestOutput, TokenLogprob
 from engine.model_runner import CAPTURE_FINAL_HIDDEN, ModelRunner
@@ -49,6 +50,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.tokenizer)
+        self.generations = Generations(self)
         self._seed_rng = random.Random(config.seed)
         self._req_counter = itertools.count()
 
@@ -77,7 +79,10 @@ class Engine:
                                   f"within max_model_len={self.max_model_len}")
         params.validate_for_vocab(self.vocab_size)
         max_tokens = min(len(token_ids) + params.max_new_tokens, self.max_model_len)
-        needed = -(-max_tokens // self.kv_cache.block_size)
+        bs = self.kv_cache.block_size
+        # Branches share the prompt's full blocks; each needs its own for the rest.
+        shared = len(token_ids) // bs if params.strategy is not None else 0
+        needed = shared + max_branches(params) * (-(-max_tokens // bs) - shared)
         if needed > self.kv_cache.num_blocks:
             raise InvalidArgument(
                 "max_new_tokens", f"prompt ({len(token_ids)} tokens) + max_new_tokens "
@@ -100,16 +105,21 @@ class Engine:
         """Queues a request and returns its id. Raises InvalidArgument or ResourceExhausted."""
         req = prompt if isinstance(prompt, Request) else self.make_request(
             prompt, params, req_id, captures)
-        if req.req_id in self.scheduler.requests:
+        if req.req_id in self.scheduler.requests or req.req_id in self.generations.by_id:
             raise InvalidArgument("request_id", f"{req.req_id!r} is already running")
-        self.scheduler.add_request(req)
-        self.outputs.add(req)
+        if req.params.strategy is not None:
+            self.generations.add(req)
+        else:
+            self.scheduler.add_request(req)
+            self.outputs.add(req)
         return req.req_id
 
     def abort(self, req_id: str) -> RequestOutput | None:
         """Stops a request and frees its KV blocks; returns its final output, or None if unknown."""
+        if req_id in self.generations.by_id:
+            return self.generations.abort(req_id)
         req = self.scheduler.requests.get(req_id)
-        if req is None:
+        if req is None or req.generation is not None:
             return None
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         return self.outputs.finish(req)
@@ -157,14 +167,30 @@ class Engine:
         run = self.runner.execute(sched)
         self.scheduler.update_from_output(sched)
         by_id = {item.request.req_id: item.request for item in sched.scheduled}
-        sampled = [by_id[req_id] for req_id in run.req_ids]
+        if run.hidden_chunks:
+            self.generations.collect_prompt_hidden(run.hidden_chunks, by_id)
+        rows = [by_id[req_id] for req_id in run.req_ids]
+        branch_rows = [i for i, r in enumerate(rows) if r.generation is not None]
+        if not branch_rows:
+            return self._sample(rows, run.logits, run.captures)
+        plain_rows = [i for i, r in enumerate(rows) if r.generation is None]
+        outputs = self.generations.step([rows[i] for i in branch_rows],
+                                        run.logits[branch_rows], run.captures)
+        if plain_rows:
+            outputs += self._sample([rows[i] for i in plain_rows], run.logits[plain_rows],
+                                    run.captures)
+        return outputs
+
+    def _sample(self, sampled: list[Request], logits: torch.Tensor,
+                captures: dict) -> list[RequestOutput]:
+        """Greedy / sampling for plain requests: one vectorised sampler call for all rows."""
         if not sampled:
             return []
         rows = [SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids,
                             output_token_ids=r.output_token_ids, seed=r.seed,
                             eos_token_ids=r.eos_token_ids) for r in sampled]
-        result = self.sampler(run.logits, SamplingBatch.build(rows, self.vocab_size,
-                                                               run.logits.device))
+        result = self.sampler(logits, SamplingBatch.build(rows, self.vocab_size,
+                                                           logits.device))
         token_ids = result.token_ids.tolist()
         logprobs = _logprobs_per_row(result, sampled, token_ids)
         outputs = []
@@ -174,7 +200,7 @@ class Engine:
             if status is not None:
                 self.scheduler.finish(req, status)
             outputs.append(self.outputs.emit(req, [token_ids[i]], logprobs[i],
-                                             run.captures.get(req.req_id)))
+                                             captures.get(req.req_id)))
         return outputs
 
     # ---- offline API -------------------------------------------------------------------------

@@ -12,6 +12,14 @@ class TokenLogprob(msgspec.Struct, frozen=True, gc=False):
     """The top-n (token id, logprob) alternatives, most likely first."""
 
 
+class Candidate(msgspec.Struct, frozen=True, gc=False):
+    """One of the finished sequences a strategy returned (e.g. a beam), best first."""
+
+    token_ids: list[int]
+    text: str
+    score: float
+
+
 class RequestOutput(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """What one step produced for one request (a streamed delta)."""
 
@@ -33,6 +41,8 @@ class RequestOutput(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """Tokens run forward for this request so far (prefill chunks, recomputes, decodes)."""
     queue_time: float | None = None
     """Seconds from arrival to the first step that ran the request (None: never ran)."""
+    candidates: list[Candidate] | None = None
+    """On the final output of a strategy that returns several sequences (beam search)."""
 
 
 class CompletionOutput(msgspec.Struct, kw_only=True):
@@ -47,3 +57,6 @@ class CompletionOutput(msgspec.Struct, kw_only=True):
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache."""
+    candidates: list[Candidate] | None = None
+    """The n best sequences of strategies that return several (beam search), best first;
+    `token_ids` / `text` are the first of them."""

@@ -25,6 +25,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 CAPTURE_FINAL_HIDDEN = "final_hidden"
 """Capture name of the LM-head input (final-norm hidden state) of a sampled row."""
+CAPTURE_PROMPT_HIDDEN = "final_hidden:all"
+"""Capture name of the LM-head inputs of every token a request computes (prompt chunks)."""
 
 
 class ModelRunnerOutput(msgspec.Struct, kw_only=True):
@@ -34,6 +36,9 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
     """[num_sampled, vocab_size] float32."""
     captures: dict[str, dict[str, torch.Tensor]]
     """req_id -> capture name -> [hidden_size] tensor, for requests that asked."""
+    hidden_chunks: dict[str, tuple[int, torch.Tensor]] = {}
+    """req_id -> (first position, [num_tokens, hidden_size]) LM-head inputs of every token
+    computed this step, for requests that capture CAPTURE_PROMPT_HIDDEN."""
 
 
 class ModelRunner:
@@ -120,8 +125,20 @@ class ModelRunner:
         sampled_hidden = hidden[rows]
         logits = self.model.compute_logits(sampled_hidden)
         captures = self._gather_captures(sampled, rows, sampled_hidden, layer_caps)
+        chunks = {item.request.req_id: (item.request.num_computed_tokens,
+                                         hidden[q_start:q_start + item.num_new_tokens].float())
+                  for item, q_start in self._chunk_captures(items)}
         return ModelRunnerOutput(req_ids=[s.request.req_id for s in sampled], logits=logits,
-                                 captures=captures)
+                                 captures=captures, hidden_chunks=chunks)
+
+    @staticmethod
+    def _chunk_captures(items: list[ScheduledRequest]):
+        """(item, first row) of the items that capture every computed token's hidden state."""
+        q_start = 0
+        for item in items:
+            if CAPTURE_PROMPT_HIDDEN in item.request.captures:
+                yield item, q_start
+            q_start += item.num_new_tokens
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -229,6 +246,8 @@ class ModelRunner:
                 continue
             out = {}
             for name in req.captures:
+                if name == CAPTURE_PROMPT_HIDDEN:
+                    continue
                 if name == CAPTURE_FINAL_HIDDEN:
                     out[name] = sampled_hidden[i].float().clone()
                 else:

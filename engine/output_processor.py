@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.messages import CompletionOutput, RequestOutput, TokenLogprob
+from engine.messages import Candidate, CompletionOutput, RequestOutput, TokenLogprob
 from engine.request import Request, RequestStatus
 from engine.tokenizer import Tokenizer
 
@@ -75,7 +75,8 @@ class OutputProcessor:
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
             num_forward_tokens=req.num_forward_tokens,
             queue_time=None if req.first_scheduled_time is None
-            else req.first_scheduled_time - req.arrival_time)
+            else req.first_scheduled_time - req.arrival_time,
+            candidates=_candidates(req) if finished else None)
 
     def finish(self, req: Request) -> RequestOutput:
         """The final delta of a request that ended outside a step (abort)."""
@@ -87,4 +88,11 @@ class OutputProcessor:
             index=index, req_id=req.req_id, prompt_token_ids=req.prompt_token_ids,
             token_ids=req.output_token_ids, text=req.output_text,
             finish_reason=req.status.value, logprobs=req.logprobs,
-            num_cached_tokens=req.num_cached_tokens)
+            num_cached_tokens=req.num_cached_tokens, candidates=_candidates(req))
+
+
+def _candidates(req: Request) -> list[Candidate] | None:
+    if req.candidates is None:
+        return None
+    return [Candidate(token_ids=list(t), text=text, score=score)
+            for t, text, score in req.candidates]

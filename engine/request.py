@@ -52,6 +52,13 @@ class Request:
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         """When a step first ran this request (the end of its queueing time)."""
+        self.no_prefix_cache = False
+        """Compute every prompt token (a strategy needs the hidden states of all of them)."""
+        self.generation = None
+        """The strategy generation this request is a branch of (None: a plain request)."""
+        self.branch = 0
+        self.candidates = None
+        """Finished sequences a strategy returned: list of (token_ids, text, score)."""
         self.num_forward_tokens = 0
         """Tokens the model ran forward for this request, recomputes included (its cost)."""
         self.detokenizer = None

@@ -6,6 +6,7 @@ import math
 
 import msgspec
 
+from decoding.params import BeamSearch, Contrastive
 from engine.errors import InvalidArgument
 
 MAX_LOGPROBS = 20
@@ -69,6 +70,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     alternatives, all from the raw (unprocessed) model distribution."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
+    strategy: Contrastive | BeamSearch | None = None
+    """A decoding strategy from `decoding.params` instead of greedy / sampling (temperature,
+    top_k, top_p, min_p and seed are then unused and must keep their defaults)."""
 
     def __post_init__(self) -> None:
         self._validate_lengths()
@@ -78,6 +82,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         _require(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2**63)")
         _require(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
                  f"must be in [0, {MAX_LOGPROBS}]")
+        if self.strategy is not None:
+            self._validate_strategy()
 
     @property
     def is_greedy(self) -> bool:
@@ -92,6 +98,15 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         rule = f"token ids must be in [0, {vocab_size})"
         _require(all(t < vocab_size for t in self.logit_bias), "logit_bias", rule)
         _require(all(t < vocab_size for t in self.stop_token_ids), "stop_token_ids", rule)
+
+    def _validate_strategy(self) -> None:
+        name = type(self.strategy).__struct_config__.tag
+        for field, default in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("seed", None)):
+            _require(getattr(self, field) == default, field, f"is a sampling setting; the "
+                     f"{name} strategy does not use it")
+        _require(self.logprobs is None, "logprobs", f"not available with the {name} strategy")
+        if isinstance(self.strategy, BeamSearch):
+            _require(not self.stop, "stop", "stop strings are not available with beam search")
 
     def _validate_lengths(self) -> None:
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")

@@ -140,7 +140,8 @@ class Scheduler:
     def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            cached, num_cached = self.kv.lookup_prefix(req.all_token_ids, req.extra_key)
+            cached, num_cached = (None, 0) if req.no_prefix_cache else \
+                self.kv.lookup_prefix(req.all_token_ids, req.extra_key)
             num_new = req.num_tokens - num_cached
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break

@@ -1,0 +1,81 @@
+"""Contrastive search (Su et al. 2022) on forked branches: one batched forward per token.
+
+Each step the current branch's processed distribution gives the top-k candidates v. The
+strategy forks k branches, each the current one plus one candidate, and frees the current one
+(the children share its KV blocks). The engine runs the k single-token branches together with
+all other traffic; that one forward yields both the hidden state h_v of each candidate (the
+LM-head input at its position) and the logits of the position after it. The winner is
+argmax_v (1 - alpha) p(v) - alpha max_j cos(h_v, h_j) over the hidden states h_j of every
+previous position (prompt and generated); the winner's branch lives on and its logits seed the
+next step, the other branches are freed. Ties go to the candidate ranked first by p(v), as with
+`torch.argmax` in the Hugging Face implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decoding.base import DecodingStrategy, Fork, StepDecision, StepView, register
+from decoding.params import Contrastive
+
+
+@register(Contrastive)
+class ContrastiveSearch(DecodingStrategy):
+    needs_hidden = True
+    needs_prompt_hidden = True
+
+    def __init__(self, params: Contrastive) -> None:
+        super().__init__(params)
+        self._context: torch.Tensor | None = None
+        """[capacity, hidden] unit-norm hidden states of every position so far."""
+        self._length = 0
+        self._candidates: list[tuple[int, int, float]] = []
+        """(branch, token, probability) of the pending candidates, in top-k order."""
+        self._next_branch = 1
+
+    @property
+    def max_branches(self) -> int:
+        return self.params.top_k
+
+    def step(self, view: StepView) -> StepDecision:
+        if self._context is None:  # the prompt is done: branch 0 has the first logits
+            self._append_context(view.prompt_hidden)
+            return self._expand(view.branch_ids[0], view.logits[0], emit=[])
+        rows = {branch: i for i, branch in enumerate(view.branch_ids)}
+        order = [rows[branch] for branch, _, _ in self._candidates]
+        hidden = view.hidden[order]                                       # [k, d]
+        probs = torch.tensor([p for _, _, p in self._candidates], dtype=torch.float32)
+        unit = torch.nn.functional.normalize(hidden, dim=-1)
+        penalty = (unit @ self._context[:self._length].T).max(dim=-1).values
+        alpha = self.params.penalty_alpha
+        scores = (1.0 - alpha) * probs - alpha * penalty
+        best = int(scores.argmax())
+        winner, token, _ = self._candidates[best]
+        self._append_context(hidden[best:best + 1])
+        losers = [branch for branch, _, _ in self._candidates if branch != winner]
+        decision = self._expand(winner, view.logits[order[best]], emit=[token])
+        decision.frees = losers + decision.frees
+        return decision
+
+    def _expand(self, branch: int, logits: torch.Tensor, emit: list[int]) -> StepDecision:
+        """Forks one branch per top-k candidate of `branch` and frees `branch` itself."""
+        k = min(self.params.top_k, logits.shape[-1])
+        probs, tokens = logits.softmax(dim=-1).topk(k)
+        forks, self._candidates = [], []
+        for p, t in zip(probs.tolist(), tokens.tolist()):
+            child, self._next_branch = self._next_branch, self._next_branch + 1
+            forks.append(Fork(parent=branch, child=child, token=t))
+            self._candidates.append((child, t, p))
+        return StepDecision(forks=forks, frees=[branch], emit=emit)
+
+    def _append_context(self, hidden: torch.Tensor) -> None:
+        unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        n = unit.shape[0]
+        if self._context is None or self._length + n > self._context.shape[0]:
+            capacity = max(64, 2 * (self._length + n))
+            grown = torch.empty(capacity, unit.shape[1], dtype=torch.float32)
+            if self._context is not None:
+                grown[:self._length] = self._context[:self._length]
+            self._context = grown
+        self._context[self._length:self._length + n] = unit
+        self._length += n

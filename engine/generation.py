@@ -1,0 +1,212 @@
+"""Requests run by plug-in strategies (`decoding.base`): one head, many branches.
+
+The head is the client-visible sequence (prompt + emitted tokens, detokenizer, stop criteria)
+and is never scheduled. Branches are ordinary scheduler requests (`<req_id>#<n>`): they hold
+KV blocks, are batched with all other traffic, can be preempted and recomputed. After every
+step the strategy of each generation whose branches produced logits sees a `StepView` and
+answers a `StepDecision`, which this module applies: forks share the parent's KV blocks (the
+partial last block is copied before the next step), frees return blocks to the pool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decoding.base import StepDecision, StepView, create_strategy, strategy_class
+from engine.errors import ResourceExhausted
+from engine.messages import RequestOutput
+from engine.model_runner import CAPTURE_FINAL_HIDDEN, CAPTURE_PROMPT_HIDDEN
+from engine.request import Request, RequestStatus
+from engine.sampler import SamplingBatch, SamplingRow, apply_logits_processors
+
+
+class Generation:
+    __slots__ = ("head", "strategy", "branches", "prompt_hidden", "freed_forward_tokens")
+
+    def __init__(self, head: Request) -> None:
+        self.head = head
+        self.strategy = create_strategy(head.params.strategy)
+        self.branches: dict[int, Request] = {}
+        self.prompt_hidden: list[torch.Tensor] = []
+        self.freed_forward_tokens = 0
+
+
+def max_branches(params) -> int:
+    """Most branches a request with these params keeps alive (for the KV check at admission)."""
+    if params.strategy is None:
+        return 1
+    return strategy_class(params.strategy)(params.strategy).max_branches
+
+
+class Generations:
+    """All live strategy generations of an engine."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.by_id: dict[str, Generation] = {}
+
+    def add(self, head: Request) -> None:
+        gen = Generation(head)
+        captures = set(head.captures)
+        if gen.strategy.needs_hidden:
+            captures.add(CAPTURE_FINAL_HIDDEN)
+        root = Request(f"{head.req_id}#0", head.prompt_token_ids, head.params, head.seed,
+                       head.eos_token_ids, frozenset(captures), head.extra_key)
+        if gen.strategy.needs_prompt_hidden:
+            root.captures = root.captures | {CAPTURE_PROMPT_HIDDEN}
+            root.no_prefix_cache = True  # every prompt position must be computed
+        root.generation, root.branch = gen, 0
+        self.engine.scheduler.add_request(root)
+        self.engine.outputs.add(head)
+        gen.branches[0] = root
+        self.by_id[head.req_id] = gen
+
+    def collect_prompt_hidden(self, chunks: dict[str, tuple[int, torch.Tensor]],
+                              requests: dict[str, Request]) -> None:
+        """Keeps the prompt hidden states of branches that asked (a restart at 0 resets)."""
+        for req_id, (start, hidden) in chunks.items():
+            gen = requests[req_id].generation
+            if start == 0:
+                gen.prompt_hidden.clear()
+            gen.prompt_hidden.append(hidden)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def step(self, rows: list[Request], logits: torch.Tensor,
+             captures: dict[str, dict[str, torch.Tensor]]) -> list[RequestOutput]:
+        """Runs the strategies of every generation among `rows` and applies their decisions."""
+        processed = self._process(rows, logits)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(rows):
+            groups.setdefault(req.generation.head.req_id, []).append(i)
+        outputs = []
+        for req_id, idx in groups.items():
+            gen = self.by_id[req_id]
+            view = self._view(gen, [rows[i] for i in idx], processed[idx], captures)
+            try:
+                out = self._apply(gen, gen.strategy.step(view))
+            except ResourceExhausted:  # no block to fork into: this request ends, not the engine
+                out = self.abort(req_id)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _process(self, rows: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        log_first = [r.generation.strategy.log_softmax_first for r in rows]
+        if any(log_first):
+            mask = torch.tensor(log_first)[:, None]
+            logits = torch.where(mask, logits.log_softmax(dim=-1), logits)
+        batch = SamplingBatch.build(
+            [SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids,
+                         output_token_ids=r.output_token_ids, seed=0,
+                         eos_token_ids=r.eos_token_ids) for r in rows],
+            self.engine.vocab_size, logits.device)
+        return apply_logits_processors(logits, batch).float()
+
+    def _view(self, gen: Generation, rows: list[Request], logits: torch.Tensor,
+              captures) -> StepView:
+        params = gen.head.params
+        hidden = None
+        if gen.strategy.needs_hidden:
+            hidden = torch.stack([captures[r.req_id][CAPTURE_FINAL_HIDDEN] for r in rows])
+        prompt_hidden = None
+        if gen.prompt_hidden and any(r.branch == 0 for r in rows):
+            prompt_hidden = torch.cat(gen.prompt_hidden).float()
+            gen.prompt_hidden = []
+        return StepView(branch_ids=[r.branch for r in rows], logits=logits, hidden=hidden,
+                        prompt_hidden=prompt_hidden,
+                        output_token_ids=[r.output_token_ids for r in rows],
+                        eos_token_ids=gen.head.eos_token_ids,
+                        max_new_tokens=params.max_new_tokens,
+                        min_new_tokens=params.min_new_tokens, ignore_eos=params.ignore_eos)
+
+    def _apply(self, gen: Generation, decision: StepDecision) -> RequestOutput | None:
+        for fork in decision.forks:
+            self._fork(gen, gen.branches[fork.parent], fork.child, fork.token)
+        for branch, token in decision.appends:
+            gen.branches[branch].append_token(token)
+        for branch in decision.frees:
+            self._free(gen, branch)
+        head = gen.head
+        if decision.finished:
+            return self._finish_with_candidates(gen, decision.candidates or [])
+        if not decision.emit:
+            assert gen.branches, "a strategy freed every branch without finishing"
+            return None
+        status, emitted = None, []
+        for token in decision.emit:
+            head.append_token(token)
+            emitted.append(token)
+            status = self.engine.outputs.check_stop(head, self.engine.max_model_len)
+            if status is not None:
+                break
+        if status is not None:
+            self._end(gen, status)
+        return self._emit(gen, emitted)
+
+    def _fork(self, gen: Generation, parent: Request, child_id: int, token: int) -> None:
+        engine = self.engine
+        req_id = f"{gen.head.req_id}#{child_id}"
+        copies = engine.kv_cache.fork(parent.req_id, req_id, parent.num_computed_tokens)
+        if copies is None:
+            raise ResourceExhausted("no free KV block to fork a branch into")
+        child = Request(req_id, parent.prompt_token_ids, parent.params, parent.seed,
+                        parent.eos_token_ids, parent.captures - {CAPTURE_PROMPT_HIDDEN},
+                        parent.extra_key)
+        child.all_token_ids = parent.all_token_ids + [token]
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.generation, child.branch = gen, child_id
+        engine.scheduler.add_block_copies(copies)
+        engine.scheduler.add_running(child)
+        gen.branches[child_id] = child
+
+    def _free(self, gen: Generation, branch: int) -> None:
+        req = gen.branches.pop(branch)
+        gen.freed_forward_tokens += req.num_forward_tokens
+        if not req.is_finished:
+            self.engine.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def _end(self, gen: Generation, status: RequestStatus) -> None:
+        """Frees every branch; the head takes `status`."""
+        self._sync_stats(gen)
+        for branch in list(gen.branches):
+            self._free(gen, branch)
+        gen.head.status = status
+        del self.by_id[gen.head.req_id]
+
+    def _sync_stats(self, gen: Generation) -> None:
+        head = gen.head
+        head.num_forward_tokens = gen.freed_forward_tokens + sum(
+            r.num_forward_tokens for r in gen.branches.values())
+        root = gen.branches.get(0)
+        if root is not None:
+            head.first_scheduled_time = root.first_scheduled_time
+            head.num_cached_tokens = root.num_cached_tokens
+        elif head.first_scheduled_time is None:
+            head.first_scheduled_time = min(
+                (r.first_scheduled_time for r in gen.branches.values()
+                 if r.first_scheduled_time is not None), default=None)
+
+    def _emit(self, gen: Generation, tokens: list[int]) -> RequestOutput:
+        self._sync_stats(gen)
+        return self.engine.outputs.emit(gen.head, tokens, None, None)
+
+    def _finish_with_candidates(self, gen: Generation, candidates) -> RequestOutput:
+        head, outputs = gen.head, self.engine.outputs
+        best = candidates[0].token_ids if candidates else []
+        status = RequestStatus.FINISHED_LENGTH
+        for token in best:
+            head.append_token(token)
+            status = outputs.check_stop(head, self.engine.max_model_len) or status
+        head.candidates = [(c.token_ids, self.engine.tokenizer.decode(c.token_ids), c.score)
+                           for c in candidates]
+        self._sync_stats(gen)
+        self._end(gen, status)
+        return outputs.emit(head, best, None, None)
+
+    def abort(self, req_id: str) -> RequestOutput | None:
+        gen = self.by_id.get(req_id)
+        if gen is None:
+            return None
+        self._end(gen, RequestStatus.FINISHED_ABORTED)
+        return self.engine.outputs.finish(gen.head)
