@@ -19,6 +19,8 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.messages import CompletionOutput, RequestOutput, TokenLogprob
 from engine.model_runner import CAPTURE_FINAL_HIDDEN, ModelRunner
 from engine.output_processor import OutputProcessor
+from engine.prompt import StructuredPrompt
+from engine.prompt import layout as prompt_layout
 from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplingBatch, SamplingRow
 from engine.sampling_params import SamplingParams
@@ -56,17 +58,29 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def make_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                     req_id: str | None = None, captures: Sequence[str] = (),
-                     extra_key=None) -> Request:
-        """Validates and tokenizes a request without touching engine state (thread-safe)."""
+    def make_request(self, prompt: str | Sequence[int] | StructuredPrompt,
+                     params: SamplingParams | None = None, req_id: str | None = None,
+                     captures: Sequence[str] = (), extra_key=None) -> Request:
+        """Validates and tokenizes a request without touching engine state (thread-safe).
+
+        A `StructuredPrompt` (parallel sets: Set-Based Prompting) gets its own position ids and
+        attention structure, and its own prefix-cache key.
+        """
         params = params or SamplingParams()
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        layout = None
+        if isinstance(prompt, StructuredPrompt):
+            layout = prompt_layout(prompt, self.tokenizer.encode)
+            token_ids = layout.token_ids
+            extra_key = (extra_key, layout.structure_key)
+        else:
+            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, params, captures)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         req_id = req_id if req_id is not None else f"req-{next(self._req_counter)}"
-        return Request(req_id, token_ids, params, seed, self.tokenizer.eos_token_ids,
-                       frozenset(captures), extra_key)
+        req = Request(req_id, token_ids, params, seed, self.tokenizer.eos_token_ids,
+                      frozenset(captures), extra_key)
+        req.layout = layout
+        return req
 
     def _validate(self, token_ids: list[int], params: SamplingParams,
                   captures: Sequence[str]) -> None:
@@ -149,6 +163,7 @@ class Engine:
                         parent.extra_key)
         child.all_token_ids = list(parent.all_token_ids)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.layout = parent.layout
         self.scheduler.add_block_copies(copies)
         self.scheduler.add_running(child)
         self.outputs.add(child)

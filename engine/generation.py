@@ -55,7 +55,7 @@ class Generations:
         if gen.strategy.needs_prompt_hidden:
             root.captures = root.captures | {CAPTURE_PROMPT_HIDDEN}
             root.no_prefix_cache = True  # every prompt position must be computed
-        root.generation, root.branch = gen, 0
+        root.generation, root.branch, root.layout = gen, 0, head.layout
         self.engine.scheduler.add_request(root)
         self.engine.outputs.add(head)
         gen.branches[0] = root
@@ -155,7 +155,7 @@ class Generations:
                         parent.extra_key)
         child.all_token_ids = parent.all_token_ids + [token]
         child.num_computed_tokens = parent.num_computed_tokens
-        child.generation, child.branch = gen, child_id
+        child.generation, child.branch, child.layout = gen, child_id, parent.layout
         engine.scheduler.add_block_copies(copies)
         engine.scheduler.add_running(child)
         gen.branches[child_id] = child

@@ -112,7 +112,7 @@ class ModelRunner:
         computed this step, in `req_ids` order; other requests (mid-prefill chunks) get none.
         """
         # Single-token rows first: they form the batched decode group of the attention.
-        items = sorted(output.scheduled, key=lambda s: s.num_new_tokens > 1)
+        items = sorted(output.scheduled, key=lambda s: not _is_decode(s))
         # Step inputs (ids, slots, masks) are built on the model's device. The device context
         # intercepts every torch call, so the forward itself runs outside it.
         with self.device:
@@ -164,15 +164,15 @@ class ModelRunner:
             end = start + item.num_new_tokens
             q_start = len(input_ids)
             input_ids += req.all_token_ids[start:end]
-            positions += range(start, end)
+            positions += req.positions(start, end)
             table = item.block_ids
-            if item.num_new_tokens == 1:
+            if _is_decode(item):
                 slots.append(table[start // bs] * bs + start % bs)
                 decode_tables.append(table)
                 decode_lens.append(end)
             else:  # one tensor op for a whole chunk's slots, no per-token Python loop
                 slots += self._context_slots(table, end)[start:].tolist()
-                prefills.append(self._prefill_chunk(q_start, start, end, table))
+                prefills.append(self._prefill_chunk(q_start, start, end, table, req))
             if item.samples:
                 sample_rows.append(len(input_ids) - 1)
                 sampled.append(item)
@@ -194,17 +194,21 @@ class ModelRunner:
         slots = blocks[:, None] * self.block_size + torch.arange(self.block_size)
         return slots.flatten()[:num_tokens]
 
-    def _prefill_chunk(self, q_start: int, start: int, end: int, table: list[int]
-                       ) -> PrefillChunk:
+    def _prefill_chunk(self, q_start: int, start: int, end: int, table: list[int],
+                       req) -> PrefillChunk:
         q_len = end - start
-        if start == 0:
+        structured = req.needs_structure_mask(start, end)
+        if start == 0 and not structured:
             return PrefillChunk(q_start=q_start, q_len=q_len, num_context_tokens=0)
-        # Query i sits at position start + i and may see keys 0 .. start + i.
-        key_pos = torch.arange(end)
-        query_pos = torch.arange(start, end)
-        mask = (key_pos[None, :] <= query_pos[:, None])[None, None]
+        # Query i is token start + i and may see tokens 0 .. start + i.
+        key_idx = torch.arange(end)
+        query_idx = torch.arange(start, end)
+        mask = key_idx[None, :] <= query_idx[:, None]
+        if structured:
+            mask &= ~_other_members(req.layout, start, end)
         return PrefillChunk(q_start=q_start, q_len=q_len, num_context_tokens=start,
-                            context_slots=self._context_slots(table, end), mask=mask)
+                            context_slots=self._context_slots(table, end) if start else None,
+                            mask=mask[None, None])
 
     def _decode_tables(self, tables: list[list[int]], lens: list[int]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,3 +260,22 @@ class ModelRunner:
             captures[req.req_id] = out
         return captures
 
+
+
+def _is_decode(item: ScheduledRequest) -> bool:
+    """A single new token that may attend to every earlier token (not a set member)."""
+    if item.num_new_tokens != 1:
+        return False
+    start = item.request.num_computed_tokens
+    return not item.request.needs_structure_mask(start, start + 1)
+
+
+def _other_members(layout, start: int, end: int) -> torch.Tensor:
+    """[end - start, end] bool: True where query token and key token are different members of
+    the same parallel set (Set-Based Prompting forbids that attention)."""
+    n = len(layout.set_ids)
+    pad = max(0, end - n)
+    sets = torch.tensor(layout.set_ids[:end] + [-1] * pad)
+    members = torch.tensor(layout.member_ids[:end] + [-1] * pad)
+    q_sets, q_members = sets[start:end, None], members[start:end, None]
+    return (q_sets >= 0) & (q_sets == sets[None, :]) & (q_members != members[None, :])

@@ -52,6 +52,9 @@ class Request:
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         """When a step first ran this request (the end of its queueing time)."""
+        self.layout = None
+        """PromptLayout of a structured prompt (position ids and set membership per prompt
+        token); None for a sequential prompt."""
         self.no_prefix_cache = False
         """Compute every prompt token (a strategy needs the hidden states of all of them)."""
         self.generation = None
@@ -82,6 +85,22 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def positions(self, start: int, end: int) -> list[int]:
+        """Position ids of tokens [start, end): their index, or the structured prompt's layout
+        (generated tokens continue one past the last prompt position)."""
+        if self.layout is None:
+            return list(range(start, end))
+        prompt = self.layout.positions
+        n = len(prompt)
+        head = prompt[start:min(end, n)]
+        first_new = max(start, n)
+        return head + list(range(prompt[-1] + 1 + first_new - n, prompt[-1] + 1 + end - n))
+
+    def needs_structure_mask(self, start: int, end: int) -> bool:
+        """Whether tokens [start, end) include set members (which must not see each other)."""
+        return (self.layout is not None and start < len(self.layout.set_ids)
+                and any(s >= 0 for s in self.layout.set_ids[start:end]))
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)

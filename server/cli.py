@@ -40,6 +40,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--logprobs", type=int, default=None, help="return top-N logprobs")
+    p.add_argument("--strategy", default=None,
+                   choices=["greedy", "sampling", "contrastive", "beam"],
+                   help="default: greedy when --temperature is 0, else sampling")
+    p.add_argument("--penalty-alpha", type=float, default=0.6,
+                   help="contrastive search degeneration penalty (its k is --top-k, default 4)")
+    p.add_argument("--num-beams", type=int, default=4)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--early-stopping", action="store_true")
+    p.add_argument("--num-return", type=int, default=1, help="beam search: sequences returned")
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -120,7 +129,9 @@ def _serve(args) -> int:
     return run(msgspec.structs.replace(engine_config, scheduler=scheduler), config)
 
 
-def _read_prompts(args) -> list[str | list[int]]:
+def _read_prompts(args) -> list[str | list[int] | dict]:
+    """Prompts: text, token ids, or a structured prompt object
+    `{"segments": [{"text": ...}, {"tokens": [...]}, {"parallel": [text or ids, ...]}]}`."""
     if args.prompts_file:
         prompts = []
         for line in Path(args.prompts_file).read_text().splitlines():
@@ -129,6 +140,19 @@ def _read_prompts(args) -> list[str | list[int]]:
                 prompts.append(obj["prompt"] if "prompt" in obj else obj["prompt_token_ids"])
         return prompts
     return [args.prompt if args.prompt is not None else DEMO_PROMPT]
+
+
+def structured_prompt(obj: dict):
+    """The engine's StructuredPrompt of a JSON prompt object (see `_read_prompts`)."""
+    from engine.prompt import Parallel, StructuredPrompt
+
+    segments = []
+    for seg in obj["segments"]:
+        if "parallel" in seg:
+            segments.append(Parallel(members=list(seg["parallel"])))
+        else:
+            segments.append(seg["text"] if "text" in seg else list(seg["tokens"]))
+    return StructuredPrompt(segments=segments)
 
 
 def make_engine_config(args):
@@ -143,35 +167,52 @@ def make_engine_config(args):
 
 
 def make_sampling_params(args):
+    from decoding.params import BeamSearch, Contrastive
     from engine.sampling_params import SamplingParams
 
+    strategy, sampling = None, dict(temperature=args.temperature, top_p=args.top_p,
+                                    top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+    if args.strategy == "greedy":
+        sampling["temperature"] = 0.0
+    elif args.strategy == "contrastive":
+        strategy = Contrastive(top_k=args.top_k or 4, penalty_alpha=args.penalty_alpha)
+    elif args.strategy == "beam":
+        strategy = BeamSearch(num_beams=args.num_beams, length_penalty=args.length_penalty,
+                              early_stopping=args.early_stopping, num_return=args.num_return)
+    if strategy is not None:
+        sampling = {}
     return SamplingParams(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-        presence_penalty=args.presence_penalty, seed=args.seed, stop=tuple(args.stop),
-        ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+        presence_penalty=args.presence_penalty, stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos, logprobs=args.logprobs, strategy=strategy, **sampling)
 
 
 def _generate(args) -> int:
+    from decoding.params import ParamsError
     from engine.engine import Engine
     from engine.errors import InvalidArgument
 
     try:
         params = make_sampling_params(args)
+        prompts = [structured_prompt(p) if isinstance(p, dict) else p
+                   for p in _read_prompts(args)]
         engine = Engine(make_engine_config(args))
-        prompts = _read_prompts(args)
         if args.chat:
             prompts = [engine.tokenizer.apply_chat_template(p) if isinstance(p, str) else p
                        for p in prompts]
         results = engine.generate(prompts, params)
-    except InvalidArgument as exc:
+    except (InvalidArgument, ParamsError) as exc:
         print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
         return 2
     for out in results:
         if args.json:
-            print(json.dumps({"index": out.index, "token_ids": out.token_ids, "text": out.text,
-                              "finish_reason": out.finish_reason}), flush=True)
+            line = {"index": out.index, "token_ids": out.token_ids, "text": out.text,
+                    "finish_reason": out.finish_reason}
+            if out.candidates is not None:
+                line["candidates"] = [{"token_ids": c.token_ids, "text": c.text,
+                                       "score": c.score} for c in out.candidates]
+            print(json.dumps(line), flush=True)
         else:
             print(out.text, flush=True)
     return 0

@@ -20,24 +20,44 @@ FINISH_NAMES = {pb.FINISH_EOS: "stop", pb.FINISH_STOP_SEQUENCE: "stop",
 """Proto finish reasons -> the offline engine's finish_reason strings."""
 
 
-def build_request(args, prompt: str | list[int]) -> pb.GenerateRequest:
-    """The GenerateRequest for one prompt and the `generate` command's flags."""
+def _part(value) -> dict:
+    return {"text": value} if isinstance(value, str) else {"tokens": pb.TokenIds(ids=value)}
+
+
+def build_prompt(args, prompt: str | list[int] | dict) -> pb.Prompt:
+    """Text, token ids, or a structured prompt object (`{"segments": [...]}`)."""
+    if isinstance(prompt, dict):
+        segments = [pb.Segment(parallel=pb.ParallelSet(
+            members=[pb.TextOrTokens(**_part(m)) for m in seg["parallel"]]))
+            if "parallel" in seg else pb.Segment(**_part(seg.get("text", seg.get("tokens"))))
+            for seg in prompt["segments"]]
+        return pb.Prompt(segments=segments)
     if args.chat and isinstance(prompt, str):
-        p = pb.Prompt(messages=[pb.ChatMessage(role="user", content=prompt)])
-    elif isinstance(prompt, str):
-        p = pb.Prompt(segments=[pb.Segment(text=prompt)])
-    else:
-        p = pb.Prompt(segments=[pb.Segment(tokens=pb.TokenIds(ids=prompt))])
-    if args.temperature == 0:
-        decoding = pb.DecodingStrategy(greedy=pb.Greedy())
-    else:
-        sampling = pb.Sampling(temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, min_p=args.min_p)
-        if args.seed is not None:
-            sampling.seed = args.seed
-        decoding = pb.DecodingStrategy(sampling=sampling)
+        return pb.Prompt(messages=[pb.ChatMessage(role="user", content=prompt)])
+    return pb.Prompt(segments=[pb.Segment(**_part(prompt))])
+
+
+def build_decoding(args) -> pb.DecodingStrategy:
+    if args.strategy == "contrastive":
+        return pb.DecodingStrategy(contrastive=pb.ContrastiveSearch(
+            top_k=args.top_k or 4, penalty_alpha=args.penalty_alpha))
+    if args.strategy == "beam":
+        return pb.DecodingStrategy(beam=pb.BeamSearch(
+            num_beams=args.num_beams, length_penalty=args.length_penalty,
+            early_stopping=args.early_stopping, num_return=args.num_return))
+    if args.strategy == "greedy" or args.temperature == 0:
+        return pb.DecodingStrategy(greedy=pb.Greedy())
+    sampling = pb.Sampling(temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, min_p=args.min_p)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    return pb.DecodingStrategy(sampling=sampling)
+
+
+def build_request(args, prompt: str | list[int] | dict) -> pb.GenerateRequest:
+    """The GenerateRequest for one prompt and the `generate` command's flags."""
     return pb.GenerateRequest(
-        prompt=p, decoding=decoding,
+        prompt=build_prompt(args, prompt), decoding=build_decoding(args),
         penalties=pb.Penalties(repetition=args.repetition_penalty,
                                frequency=args.frequency_penalty,
                                presence=args.presence_penalty),
@@ -45,14 +65,22 @@ def build_request(args, prompt: str | list[int]) -> pb.GenerateRequest:
                              min_new_tokens=args.min_new_tokens,
                              stop_sequences=args.stop, ignore_eos=args.ignore_eos),
         response=pb.ResponseOptions(logprobs=args.logprobs is not None,
-                                    top_logprobs=args.logprobs or 0))
+                                    top_logprobs=args.logprobs or 0,
+                                    candidate_scores=args.strategy == "beam"))
 
 
 async def _one(stub, request: pb.GenerateRequest, echo: bool) -> dict:
     token_ids, text, reason = [], [], ""
+    candidates: dict[int, dict] = {}
     async for event in stub.GenerateStream(request):
         kind = event.WhichOneof("event")
-        if kind == "delta":
+        if kind == "candidate":
+            c = candidates.setdefault(event.candidate.candidate, {})
+            c["score"] = event.candidate.score
+        elif kind == "delta" and event.delta.candidate > 0:
+            c = candidates.setdefault(event.delta.candidate, {})
+            c.update(token_ids=list(event.delta.token_ids), text=event.delta.text)
+        elif kind == "delta":
             token_ids += event.delta.token_ids
             text.append(event.delta.text)
             if echo:
@@ -62,7 +90,12 @@ async def _one(stub, request: pb.GenerateRequest, echo: bool) -> dict:
             reason = FINISH_NAMES.get(event.finished.reason, "")
     if echo:
         sys.stdout.write("\n")
-    return {"token_ids": token_ids, "text": "".join(text), "finish_reason": reason}
+    result = {"token_ids": token_ids, "text": "".join(text), "finish_reason": reason}
+    if candidates:
+        candidates.setdefault(0, {}).update(token_ids=token_ids, text=result["text"])
+        result["candidates"] = [{"token_ids": c.get("token_ids", []), "text": c.get("text", ""),
+                                 "score": c.get("score")} for _, c in sorted(candidates.items())]
+    return result
 
 
 async def _run(address: str, requests: list[pb.GenerateRequest], as_json: bool) -> None:

@@ -12,14 +12,17 @@ import math
 import msgspec
 
 from engine.errors import InvalidArgument
+from decoding.params import BeamSearch, Contrastive, ParamsError
 from engine.messages import RequestOutput, TokenLogprob
+from engine.prompt import Parallel, StructuredPrompt
+from engine.prompt import layout as prompt_layout
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from server.config import Limits
 from server.errors import Unimplemented, proto_field
 from server.pb import pb
 
-_RESERVED_STRATEGIES = ("contrastive", "beam", "knn_lm", "rankgen", "awrs")
+_RESERVED_STRATEGIES = ("knn_lm", "rankgen", "awrs")
 _CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_NEW_TOKENS = 16
 
@@ -28,7 +31,8 @@ class Submission(msgspec.Struct, kw_only=True):
     """A validated request, in engine terms."""
 
     request_id: str | None
-    prompt_token_ids: list[int]
+    prompt: list[int] | StructuredPrompt
+    """Token ids, or a structured prompt (parallel sets) the engine lays out."""
     params: SamplingParams
     extra_key: tuple | None = None
     """Prefix-cache isolation key (from cache_salt)."""
@@ -36,6 +40,8 @@ class Submission(msgspec.Struct, kw_only=True):
     token_ids: bool = True
     text: bool = True
     logprobs: bool = False
+    candidate_scores: bool = False
+    candidate_scores: bool = False
 
 
 class Context(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,16 +85,18 @@ def to_submission(msg: pb.GenerateRequest, ctx: Context, request_id: str | None 
              f"must be at most {ctx.max_new_tokens}")
     _require(response.top_logprobs <= limits.max_top_logprobs, "response.top_logprobs",
              f"must be at most {limits.max_top_logprobs}")
-    prompt = _prompt_token_ids(msg.prompt, ctx)
-    _require(len(prompt) <= ctx.max_prompt_tokens, "prompt",
-             f"{len(prompt)} tokens; at most {ctx.max_prompt_tokens} allowed")
+    prompt, num_tokens = _prompt(msg.prompt, ctx)
+    _require(num_tokens <= ctx.max_prompt_tokens, "prompt",
+             f"{num_tokens} tokens; at most {ctx.max_prompt_tokens} allowed")
     want_logprobs = response.logprobs or response.top_logprobs > 0
+    strategy = _strategy(msg.decoding)
     try:
-        params = _sampling_params(msg, want_logprobs)
+        params = _sampling_params(msg, want_logprobs, strategy)
     except InvalidArgument as exc:
         raise InvalidArgument(proto_field(exc.field), exc.reason) from None
     return Submission(
-        request_id=request_id, prompt_token_ids=prompt, params=params,
+        request_id=request_id, prompt=prompt, params=params,
+        candidate_scores=response.candidate_scores,
         extra_key=("cache_salt", msg.cache_salt) if msg.cache_salt else None,
         time_limit_s=stopping.time_limit_ms / 1000 if stopping.time_limit_ms else None,
         token_ids=response.token_ids if response.HasField("token_ids") else True,
@@ -107,12 +115,10 @@ def _check_reserved(msg: pb.GenerateRequest) -> None:
         raise Unimplemented("priority", "priority scheduling is not available; send 0")
     if msg.response.prompt_logprobs:
         raise Unimplemented("response.prompt_logprobs", "prompt logprobs are not available")
-    if msg.response.candidate_scores:
-        raise Unimplemented("response.candidate_scores", "no strategy with candidates is "
-                            "available yet")
 
 
-def _prompt_token_ids(prompt: pb.Prompt, ctx: Context) -> list[int]:
+def _prompt(prompt: pb.Prompt, ctx: Context) -> tuple[list[int] | StructuredPrompt, int]:
+    """The engine's prompt (token ids, or a structured prompt) and its token count."""
     segments, messages = prompt.segments, prompt.messages
     _require(bool(segments) != bool(messages), "prompt",
              "exactly one of segments and messages must be non-empty")
@@ -120,28 +126,28 @@ def _prompt_token_ids(prompt: pb.Prompt, ctx: Context) -> list[int]:
         for i, m in enumerate(messages):
             _require(m.role in _CHAT_ROLES, f"prompt.messages[{i}].role",
                      f"must be one of {', '.join(_CHAT_ROLES)}")
-        return ctx.tokenizer.apply_chat_template(
+        ids = ctx.tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages])
+        return ids, len(ids)
     special = prompt.add_special_tokens if prompt.HasField("add_special_tokens") else True
-    ids: list[int] = []
-    seen_text = False
+    parts: list = []
     for i, segment in enumerate(segments):
-        kind = segment.WhichOneof("kind")
-        field = f"prompt.segments[{i}]"
+        kind, field = segment.WhichOneof("kind"), f"prompt.segments[{i}]"
         if kind == "text":
-            ids += ctx.tokenizer.encode(segment.text, add_special_tokens=special and not seen_text)
-            seen_text = True
+            parts.append(segment.text)
         elif kind == "tokens":
             _check_token_ids(segment.tokens.ids, f"{field}.tokens", ctx.vocab_size)
-            ids += segment.tokens.ids
+            parts.append(list(segment.tokens.ids))
         elif kind == "parallel":
-            _check_parallel(segment.parallel, f"{field}.parallel", ctx)
+            parts.append(_parallel(segment.parallel, f"{field}.parallel", ctx))
         else:
             raise InvalidArgument(field, "must set one of text, tokens, parallel")
-        _require(len(ids) <= ctx.max_prompt_tokens, "prompt",
-                 f"more than {ctx.max_prompt_tokens} tokens")
+    structured = StructuredPrompt(segments=parts, add_special_tokens=special)
+    ids = prompt_layout(structured, ctx.tokenizer.encode).token_ids
     _require(bool(ids), "prompt", "must contain at least one token")
-    return ids
+    if not any(isinstance(part, Parallel) for part in parts):
+        return ids, len(ids)
+    return structured, len(ids)
 
 
 def _check_token_ids(ids, field: str, vocab_size: int) -> None:
@@ -149,20 +155,40 @@ def _check_token_ids(ids, field: str, vocab_size: int) -> None:
     _require(max(ids) < vocab_size, field, f"token ids must be < vocab size {vocab_size}")
 
 
-def _check_parallel(parallel: pb.ParallelSet, field: str, ctx: Context) -> None:
+def _parallel(parallel: pb.ParallelSet, field: str, ctx: Context) -> Parallel:
     members, limit = parallel.members, ctx.limits.max_parallel_members
     _require(2 <= len(members) <= limit, f"{field}.members",
              f"a parallel set needs 2 to {limit} members")
+    out: list = []
     for j, member in enumerate(members):
         kind = member.WhichOneof("value")
-        _require(kind is not None and (member.text if kind == "text" else member.tokens.ids),
+        _require(kind is not None and bool(member.text if kind == "text" else member.tokens.ids),
                  f"{field}.members[{j}]", "must be non-empty text or tokens")
         if kind == "tokens":
             _check_token_ids(member.tokens.ids, f"{field}.members[{j}].tokens", ctx.vocab_size)
-    raise Unimplemented(field, "set-based prompting is not available yet")
+        out.append(member.text if kind == "text" else list(member.tokens.ids))
+    return Parallel(members=out)
 
 
-def _sampling_params(msg: pb.GenerateRequest, want_logprobs: bool) -> SamplingParams:
+def _strategy(decoding: pb.DecodingStrategy):
+    """The strategy params Struct of `decoding` (None: greedy or sampling)."""
+    kind = decoding.WhichOneof("strategy")
+    try:
+        if kind == "contrastive":
+            c = decoding.contrastive
+            return Contrastive(top_k=c.top_k or 4, penalty_alpha=c.penalty_alpha
+                               if c.HasField("penalty_alpha") else 0.6)
+        if kind == "beam":
+            b = decoding.beam
+            return BeamSearch(num_beams=b.num_beams or 4, length_penalty=b.length_penalty
+                              if b.HasField("length_penalty") else 1.0,
+                              early_stopping=b.early_stopping, num_return=b.num_return or 1)
+    except ParamsError as exc:
+        raise InvalidArgument(f"decoding.{kind}.{exc.field}", exc.reason) from None
+    return None
+
+
+def _sampling_params(msg: pb.GenerateRequest, want_logprobs: bool, strategy) -> SamplingParams:
     decoding, pen, stop = msg.decoding, msg.penalties, msg.stopping
     kwargs: dict = {"temperature": 0.0}
     if decoding.WhichOneof("strategy") == "sampling":
@@ -180,7 +206,7 @@ def _sampling_params(msg: pb.GenerateRequest, want_logprobs: bool) -> SamplingPa
         logit_bias=dict(pen.logit_bias), stop=tuple(stop.stop_sequences),
         stop_token_ids=tuple(stop.stop_token_ids), ignore_eos=stop.ignore_eos,
         include_stop_str_in_output=stop.include_stop_sequence,
-        logprobs=msg.response.top_logprobs if want_logprobs else None)
+        logprobs=msg.response.top_logprobs if want_logprobs else None, strategy=strategy)
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -197,6 +223,28 @@ def delta(out: RequestOutput, sub: Submission, tokenizer: Tokenizer) -> pb.Delta
     if sub.logprobs and out.logprobs:
         d.logprobs.extend(token_logprobs(lp, tokenizer) for lp in out.logprobs)
     return d
+
+
+def candidate_events(out: RequestOutput, sub: Submission) -> list[pb.GenerateEvent]:
+    """Deltas of candidates 1.. (candidate 0 is the ordinary stream) and, when asked, one
+    Candidate event per returned sequence with its score."""
+    events = []
+    for i, cand in enumerate(out.candidates or ()):
+        if i > 0:
+            events.append(pb.GenerateEvent(delta=pb.Delta(
+                candidate=i, token_ids=cand.token_ids if sub.token_ids else [],
+                text=cand.text if sub.text else "")))
+        if sub.candidate_scores:
+            events.append(pb.GenerateEvent(candidate=pb.Candidate(
+                candidate=i, score=cand.score, selected=i == 0)))
+    return events
+
+
+def candidate_results(out: RequestOutput | None) -> list[pb.CandidateResult]:
+    if out is None or not out.candidates:
+        return []
+    return [pb.CandidateResult(token_ids=c.token_ids, text=c.text, score=c.score)
+            for c in out.candidates]
 
 
 def token_logprobs(lp: TokenLogprob, tokenizer: Tokenizer) -> pb.TokenLogprobs:

@@ -38,6 +38,7 @@ class Tracked:
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         self.time_limited = False
+        self.final: RequestOutput | None = None
         self._client = client
         self._stream = stream
         self._timers: list[asyncio.TimerHandle] = []
@@ -64,6 +65,8 @@ class Tracked:
 
     async def __anext__(self) -> RequestOutput:
         out = await self._stream.__anext__()
+        if out.finished:
+            self.final = out
         if out.new_token_ids and self.first_token_time is None:
             self.first_token_time = time.monotonic()
         return out
@@ -131,7 +134,7 @@ class EngineClient:
         """Admits a converted request (raises InvalidArgument / ResourceExhausted /
         Unavailable); the caller must exhaust or close the returned stream."""
         self.check_accepting()
-        stream = self.front.submit(sub.prompt_token_ids, sub.params,
+        stream = self.front.submit(sub.prompt, sub.params,
                                    sub.request_id or uuid.uuid4().hex, extra_key=sub.extra_key)
         tracked = Tracked(self, sub, stream)
         self._inflight += 1

@@ -17,7 +17,7 @@ from server.errors import Unavailable, abort_with, status_of
 from server.metrics import Metrics, RequestTimer
 from server.pb import pb, pb_grpc
 
-SUPPORTED_STRATEGIES = ("greedy", "sampling")
+SUPPORTED_STRATEGIES = ("greedy", "sampling", "contrastive", "beam")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
@@ -60,6 +60,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 yield pb.GenerateEvent(delta=delta)
             if out.finished:
                 timer.on_finish(tracked.arrival, out.queue_time)
+                for event in convert.candidate_events(out, tracked.sub):
+                    yield event
                 yield pb.GenerateEvent(finished=self._finished(tracked, out))
 
     def _finished(self, tracked: Tracked, out) -> pb.Finished:
@@ -92,12 +94,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 result.request_id = tracked.req_id
                 async for event in self._events(tracked):
                     kind = event.WhichOneof("event")
-                    if kind == "delta":
+                    if kind == "delta" and event.delta.candidate == 0:
                         result.token_ids.extend(event.delta.token_ids)
                         result.text += event.delta.text
                         result.logprobs.extend(event.delta.logprobs)
                     elif kind == "finished":
                         result.finished.CopyFrom(event.finished)
+                result.candidates.extend(convert.candidate_results(tracked.final))
             return result
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED

@@ -44,7 +44,7 @@ CASES = [
         tokens=pb.TokenIds()))), INVALID, "prompt.segments[1].tokens"),
     ("token id >= vocab", _req(prompt=_prompt(pb.Segment(tokens=pb.TokenIds(ids=[1, VOCAB])))),
      INVALID, "prompt.segments[0].tokens"),
-    ("empty text", _req(prompt=_prompt(pb.Segment(text=""))), INVALID, "prompt"),
+    ("empty text", _req(prompt=_prompt(pb.Segment(text=""))), INVALID, "prompt.segments[0]"),
     ("bad chat role", _req(prompt=_prompt(messages=[pb.ChatMessage(role="robot", content="x")])),
      INVALID, "prompt.messages[0].role"),
     ("prompt too long", _req(prompt=_prompt(pb.Segment(tokens=pb.TokenIds(ids=[5] * 9000)))),
@@ -94,13 +94,22 @@ CASES = [
     ("parallel empty member", _req(prompt=_prompt(pb.Segment(parallel=pb.ParallelSet(
         members=[pb.TextOrTokens(text="a"), pb.TextOrTokens(text="")])))), INVALID,
      "prompt.segments[0].parallel.members[1]"),
-    ("parallel set (not yet)", _req(prompt=_prompt(pb.Segment(parallel=pb.ParallelSet(
-        members=[pb.TextOrTokens(text="a"), pb.TextOrTokens(text="b")])))), UNIMPLEMENTED,
-     "prompt.segments[0].parallel"),
-    ("contrastive (not yet)", _req(decoding__contrastive=pb.ContrastiveSearch(top_k=4)),
-     UNIMPLEMENTED, "decoding.contrastive"),
-    ("beam (not yet)", _req(decoding__beam=pb.BeamSearch(num_beams=2)), UNIMPLEMENTED,
-     "decoding.beam"),
+    ("contrastive k too large", _req(decoding__contrastive=pb.ContrastiveSearch(top_k=65)),
+     INVALID, "decoding.contrastive.top_k"),
+    ("contrastive alpha above one", _req(decoding__contrastive=pb.ContrastiveSearch(
+        top_k=4, penalty_alpha=1.5)), INVALID, "decoding.contrastive.penalty_alpha"),
+    ("contrastive with logprobs", _req(decoding__contrastive=pb.ContrastiveSearch(top_k=4),
+                                       response__top_logprobs=2), INVALID,
+     "response.top_logprobs"),
+    ("beam returns more than beams", _req(decoding__beam=pb.BeamSearch(
+        num_beams=2, num_return=3)), INVALID, "decoding.beam.num_return"),
+    ("beam with stop sequences", _req(decoding__beam=pb.BeamSearch(num_beams=2),
+                                      stopping__stop_sequences=["x"]), INVALID,
+     "stopping.stop_sequences"),
+    ("beam length penalty nan", _req(decoding__beam=pb.BeamSearch(
+        num_beams=2, length_penalty=float("nan"))), INVALID, "decoding.beam.length_penalty"),
+    ("rankgen (not yet)", _req(decoding__rankgen=pb.RankGenRerank(num_candidates=4)),
+     UNIMPLEMENTED, "decoding.rankgen"),
     ("knn-lm (not yet)", _req(decoding__knn_lm=pb.KnnLm(k=8)), UNIMPLEMENTED, "decoding.knn_lm"),
     ("regex constraint (not yet)", _req(constraint__regex="[0-9]+"), UNIMPLEMENTED,
      "constraint.regex"),
