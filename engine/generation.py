@@ -21,12 +21,17 @@ from engine.sampler import SamplingBatch, SamplingRow, apply_logits_processors
 
 
 class Generation:
-    __slots__ = ("head", "strategy", "branches", "prompt_hidden", "freed_forward_tokens")
+    __slots__ = ("head", "strategy", "branches", "ready", "prompt_hidden",
+                 "freed_forward_tokens")
 
     def __init__(self, head: Request) -> None:
         self.head = head
         self.strategy = create_strategy(head.params.strategy)
         self.branches: dict[int, Request] = {}
+        self.ready: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        """Branch -> (processed logits, hidden) of branches that computed their last token.
+        The strategy runs once every live branch is ready: a branch that was preempted or
+        scheduled in a later step (token budget) is waited for."""
         self.prompt_hidden: list[torch.Tensor] = []
         self.freed_forward_tokens = 0
 
@@ -76,13 +81,22 @@ class Generations:
              captures: dict[str, dict[str, torch.Tensor]]) -> list[RequestOutput]:
         """Runs the strategies of every generation among `rows` and applies their decisions."""
         processed = self._process(rows, logits)
-        groups: dict[str, list[int]] = {}
+        touched: dict[str, Generation] = {}
         for i, req in enumerate(rows):
-            groups.setdefault(req.generation.head.req_id, []).append(i)
+            gen = req.generation
+            hidden = captures[req.req_id][CAPTURE_FINAL_HIDDEN] \
+                if gen.strategy.needs_hidden else None
+            gen.ready[req.branch] = (processed[i], hidden)
+            touched[gen.head.req_id] = gen
         outputs = []
-        for req_id, idx in groups.items():
-            gen = self.by_id[req_id]
-            view = self._view(gen, [rows[i] for i in idx], processed[idx], captures)
+        for req_id, gen in touched.items():
+            # A ready branch may have been preempted since (its KV is gone): it recomputes
+            # and reports again.
+            gen.ready = {b: v for b, v in gen.ready.items()
+                         if gen.branches[b].num_computed_tokens == gen.branches[b].num_tokens}
+            if len(gen.ready) < len(gen.branches):
+                continue
+            view = self._view(gen)
             try:
                 out = self._apply(gen, gen.strategy.step(view))
             except ResourceExhausted:  # no block to fork into: this request ends, not the engine
@@ -103,17 +117,20 @@ class Generations:
             self.engine.vocab_size, logits.device)
         return apply_logits_processors(logits, batch).float()
 
-    def _view(self, gen: Generation, rows: list[Request], logits: torch.Tensor,
-              captures) -> StepView:
-        params = gen.head.params
-        hidden = None
-        if gen.strategy.needs_hidden:
-            hidden = torch.stack([captures[r.req_id][CAPTURE_FINAL_HIDDEN] for r in rows])
+    def _view(self, gen: Generation) -> StepView:
+        """The view of every branch (all ready), in branch order; clears `gen.ready`."""
+        params, ready = gen.head.params, gen.ready
+        branch_ids = sorted(ready)
+        rows = [gen.branches[b] for b in branch_ids]
+        logits = torch.stack([ready[b][0] for b in branch_ids])
+        hidden = torch.stack([ready[b][1] for b in branch_ids]) \
+            if gen.strategy.needs_hidden else None
+        gen.ready = {}
         prompt_hidden = None
-        if gen.prompt_hidden and any(r.branch == 0 for r in rows):
+        if gen.prompt_hidden and 0 in gen.branches:
             prompt_hidden = torch.cat(gen.prompt_hidden).float()
             gen.prompt_hidden = []
-        return StepView(branch_ids=[r.branch for r in rows], logits=logits, hidden=hidden,
+        return StepView(branch_ids=branch_ids, logits=logits, hidden=hidden,
                         prompt_hidden=prompt_hidden,
                         output_token_ids=[r.output_token_ids for r in rows],
                         eos_token_ids=gen.head.eos_token_ids,
@@ -148,8 +165,10 @@ class Generations:
         engine = self.engine
         req_id = f"{gen.head.req_id}#{child_id}"
         copies = engine.kv_cache.fork(parent.req_id, req_id, parent.num_computed_tokens)
-        if copies is None:
-            raise ResourceExhausted("no free KV block to fork a branch into")
+        while copies is None:  # no block for the copied partial block: make room
+            if not engine.scheduler.preempt_one(keep=set(gen.branches.values())):
+                raise ResourceExhausted("no free KV block to fork a branch into")
+            copies = engine.kv_cache.fork(parent.req_id, req_id, parent.num_computed_tokens)
         child = Request(req_id, parent.prompt_token_ids, parent.params, parent.seed,
                         parent.eos_token_ids, parent.captures - {CAPTURE_PROMPT_HIDDEN},
                         parent.extra_key)

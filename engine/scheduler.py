@@ -109,8 +109,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_computed_tokens == req.num_tokens:
+                # A strategy branch whose last token is computed, waiting for its siblings
+                # (see engine.generation); it stays preemptable.
+                assert req.generation is not None, req
+                i += 1
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            assert num_new > 0, req
             if not self._allocate_or_preempt(req, num_new, preempted):
                 continue  # `req` itself was preempted; running[i] is now the next request
             scheduled.append(self._scheduled(req, num_new))
@@ -127,6 +132,15 @@ class Scheduler:
             if victim is req:
                 return False
         return True
+
+    def preempt_one(self, keep) -> bool:
+        """Preempts the most recently admitted running request not in `keep` (to make room
+        for a fork); returns False when there is none."""
+        for i in range(len(self.running) - 1, -1, -1):
+            if self.running[i] not in keep:
+                self._preempt(self.running.pop(i))
+                return True
+        return False
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.req_id)
