@@ -100,6 +100,8 @@ class Scheduler:
         budget = self._schedule_running(budget, scheduled, preempted)
         if not preempted:
             self._schedule_waiting(budget, scheduled)
+            while not scheduled and self.waiting and self._preempt_parked(preempted):
+                self._schedule_waiting(budget, scheduled)
         copies, self._pending_copies = self._pending_copies, []
         return SchedulerOutput(scheduled=scheduled, block_copies=copies,
                                preempted_req_ids=[r.req_id for r in preempted])
@@ -133,6 +135,22 @@ class Scheduler:
                 return False
         return True
 
+    def _preempt_parked(self, preempted: list[Request]) -> bool:
+        """Nothing could run: every running request is a strategy branch parked until its
+        siblings report, and the waiting ones (those siblings among them) lack KV blocks.
+        Frees a parked branch, preferring other generations than the waiting head's so that
+        its generation can complete its step. Returns False when none is parked."""
+        head = self.waiting[0].generation
+        parked = [i for i, r in enumerate(self.running)
+                  if r.num_computed_tokens == r.num_tokens]
+        if not parked:
+            return False
+        others = [i for i in parked if self.running[i].generation is not head]
+        victim = self.running.pop((others or parked)[-1])
+        self._preempt(victim, to_front=False)  # behind the head it makes room for
+        preempted.append(victim)
+        return True
+
     def preempt_one(self, keep) -> bool:
         """Preempts the most recently admitted running request not in `keep` (to make room
         for a fork); returns False when there is none."""
@@ -142,13 +160,16 @@ class Scheduler:
                 return True
         return False
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, to_front: bool = True) -> None:
         self.kv.free(req.req_id)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        if to_front:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
         self._num_waiting_tokens += req.num_tokens
 
     def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
