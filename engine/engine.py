@@ -164,7 +164,7 @@ class Engine:
         child.all_token_ids = list(parent.all_token_ids)
         child.num_computed_tokens = parent.num_computed_tokens
         child.layout = parent.layout
-        self.scheduler.add_block_copies(copies)
+        self.scheduler.add_block_copies(copies, child)
         self.scheduler.add_running(child)
         self.outputs.add(child)
         return child_id

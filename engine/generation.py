@@ -175,7 +175,7 @@ class Generations:
         child.all_token_ids = parent.all_token_ids + [token]
         child.num_computed_tokens = parent.num_computed_tokens
         child.generation, child.branch, child.layout = gen, child_id, parent.layout
-        engine.scheduler.add_block_copies(copies)
+        engine.scheduler.add_block_copies(copies, child)
         engine.scheduler.add_running(child)
         gen.branches[child_id] = child
 

@@ -66,12 +66,22 @@ class Scheduler:
         self.requests[req.req_id] = req
         self.running.append(req)
 
-    def add_block_copies(self, copies: list[tuple[int, int]]) -> None:
-        """Queues (src, dst) KV block copies for the next step. A copy whose source is itself
-        the destination of a pending copy (a fork of a fork within one step) is redirected to
-        the original source: all copies of a step run at once, before anything is written."""
-        pending = {dst: src for src, dst in self._pending_copies}
-        self._pending_copies.extend((pending.get(src, src), dst) for src, dst in copies)
+    def add_block_copies(self, copies: list[tuple[int, int]], owner: Request) -> None:
+        """Queues (src, dst) KV block copies into `owner`'s blocks for the next step. A copy
+        whose source is itself the destination of a pending copy (a fork of a fork within one
+        step) is redirected to the original source: all copies of a step run at once, before
+        anything is written."""
+        pending = {dst: src for src, dst, _ in self._pending_copies}
+        self._pending_copies.extend((pending.get(src, src), dst, owner) for src, dst in copies)
+
+    def _take_block_copies(self) -> list[tuple[int, int]]:
+        """The pending copies whose owner still holds the destination block: a branch
+        preempted or freed before its copy ran gave the block back, and it may belong to
+        another request by now (two copies into one block would race)."""
+        copies, self._pending_copies = self._pending_copies, []
+        return [(src, dst) for src, dst, owner in copies
+                if owner.status == RequestStatus.RUNNING
+                and dst in self.kv.get_block_ids(owner.req_id)]
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """Removes `req` from the queues and frees its KV blocks."""
@@ -102,7 +112,7 @@ class Scheduler:
             self._schedule_waiting(budget, scheduled)
             while not scheduled and self.waiting and self._preempt_parked(preempted):
                 self._schedule_waiting(budget, scheduled)
-        copies, self._pending_copies = self._pending_copies, []
+        copies = self._take_block_copies()
         return SchedulerOutput(scheduled=scheduled, block_copies=copies,
                                preempted_req_ids=[r.req_id for r in preempted])
 
