@@ -159,15 +159,37 @@ def measure(engine: Engine, counter: ForwardCounter, prompts: list[str],
             "preemptions": engine.scheduler.num_preemptions - preempted}, outs
 
 
+PREAMBLE = (
+    "The following passage is an excerpt from a long report on the history of public "
+    "libraries, their funding, the way their collections grew over the centuries, and the "
+    "people who used them. Early libraries were private collections owned by monasteries, "
+    "universities and wealthy families, and reading rooms were open only to scholars. In the "
+    "nineteenth century, cities began to fund lending libraries from local taxes, and "
+    "philanthropists paid for thousands of new buildings on the condition that towns would "
+    "maintain them. Librarians developed classification schemes so that readers could find "
+    "books on open shelves, and children's rooms, reference desks and travelling book vans "
+    "followed. In the twentieth century, libraries added recordings, films and computers, "
+    "and many became community centres offering classes, meeting rooms and help with forms. "
+    "Budgets rose and fell with the economy, and every generation debated what a library is "
+    "for. With that background, consider the next paragraph.\n\n")
+"""Prepended to every prompt with --long-context (about 200 tokens): the recompute
+reference's cost grows with the context, the engine's decode step barely does."""
+
+
+def prompts_of(args) -> list[str]:
+    return [PREAMBLE + p for p in PROMPTS] if args.long_context else PROMPTS
+
+
 def phases(args) -> list[tuple[str, str, list[str], bool, int]]:
     """(key, strategy, prompts, alone, max_new_tokens) of every engine phase."""
-    alone, new = PROMPTS[:args.alone], args.max_new_tokens
+    prompts = prompts_of(args)
+    alone, new = prompts[:args.alone], args.max_new_tokens
     return [("greedy_alone", "greedy", alone, True, new),
             ("contrastive_alone", "contrastive", alone, True, new),
             ("beam_alone", "beam", alone, True, new),
-            (f"greedy_{len(PROMPTS)}", "greedy", PROMPTS, False, new),
-            (f"contrastive_{len(PROMPTS)}", "contrastive", PROMPTS, False, new),
-            ("contrastive_alone_reference_length", "contrastive", PROMPTS[:1], True,
+            (f"greedy_{len(prompts)}", "greedy", prompts, False, new),
+            (f"contrastive_{len(prompts)}", "contrastive", prompts, False, new),
+            ("contrastive_alone_reference_length", "contrastive", prompts[:1], True,
              args.reference_tokens)]
 
 
@@ -272,6 +294,8 @@ def parse_args() -> argparse.Namespace:
                     help="tokens the no-cache recompute reference generates")
     ap.add_argument("--repeats", type=int, default=1, help="rounds; each phase keeps its best")
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 / 2 / 8")
+    ap.add_argument("--long-context", action="store_true",
+                    help="prepend a ~200-token passage to every prompt")
     args = ap.parse_args()
     if args.quick:
         args.max_new_tokens, args.alone, args.reference_tokens = 16, 2, 8
@@ -286,7 +310,7 @@ def main() -> None:
         **({"model": args.model} if args.model else {}), dtype="float32",
         num_threads=args.threads)))
     model_dir = engine.runner.model_dir
-    reference = load_reference(model_dir, engine.tokenizer.encode(PROMPTS[0]),
+    reference = load_reference(model_dir, engine.tokenizer.encode(prompts_of(args)[0]),
                                args.reference_tokens)
     results, engine_tokens, ref = run_rounds(engine, reference, args)
     ref_tokens = ref.pop("token_ids")
@@ -296,6 +320,7 @@ def main() -> None:
     record = {"bench": "decoding", "model": model_dir.name, "dtype": "float32",
               "top_k": TOP_K, "penalty_alpha": ALPHA, "num_beams": NUM_BEAMS,
               "max_new_tokens": args.max_new_tokens, "alone_prompts": args.alone,
+              "long_context": args.long_context,
               "concurrent_prompts": len(PROMPTS), "repeats": args.repeats, **results,
               "recompute_reference": {
                   **ref, "note": f"HF forward on [k, t+1] every step, no KV cache; first "
