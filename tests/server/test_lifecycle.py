@@ -26,6 +26,13 @@ SERVING, NOT_SERVING = (health_pb2.HealthCheckResponse.SERVING,
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _wait_for_readiness(harness, status: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while harness.readiness() != status and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return harness.readiness()
+
+
 def _long_request(request_id: str, max_new_tokens: int = 400) -> pb.GenerateRequest:
     request = text_request("Write a long essay about rivers.", max_new_tokens,
                            request_id=request_id)
@@ -49,10 +56,7 @@ def test_health_start_and_drain(model_dir):
         events = iter(call)
         next(events)
         future = asyncio.run_coroutine_threadsafe(harness.server.drain(), harness.loop)
-        deadline = time.monotonic() + 10
-        while harness.readiness() != NOT_SERVING and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert harness.readiness() == NOT_SERVING
+        assert _wait_for_readiness(harness, NOT_SERVING) == NOT_SERVING
         with pytest.raises(grpc.RpcError) as err:
             harness.stub.Generate(text_request("new call", 4))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -114,10 +118,7 @@ def test_engine_failure_answers_internal_and_turns_not_serving(model_dir):
         with pytest.raises(grpc.RpcError) as err:
             harness.stub.Generate(text_request("doomed", 4))
         assert err.value.code() == grpc.StatusCode.INTERNAL
-        deadline = time.monotonic() + 10
-        while harness.readiness() != NOT_SERVING and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert harness.readiness() == NOT_SERVING
+        assert _wait_for_readiness(harness, NOT_SERVING) == NOT_SERVING
         with pytest.raises(grpc.RpcError) as err:
             harness.stub.Generate(text_request("after", 4))
         assert err.value.code() == grpc.StatusCode.INTERNAL
