@@ -90,9 +90,9 @@ class DecodingStrategy(abc.ABC):
     def __init__(self, params) -> None:
         self.params = params
 
-    @property
-    def max_branches(self) -> int:
-        """Most branches alive at once (KV budget check at admission)."""
+    @staticmethod
+    def max_branches(params) -> int:
+        """Most branches a request with `params` keeps alive (KV budget check at admission)."""
         return 1
 
     @abc.abstractmethod

@@ -44,9 +44,9 @@ class BeamSearch(DecodingStrategy):
         self._beams: list[int] = [0]                     # branch of each running beam
         self._next_branch = 1
 
-    @property
-    def max_branches(self) -> int:
-        return self.params.num_beams
+    @staticmethod
+    def max_branches(params) -> int:
+        return params.num_beams
 
     def step(self, view: StepView) -> StepDecision:
         rows = {branch: i for i, branch in enumerate(view.branch_ids)}

@@ -33,9 +33,9 @@ class ContrastiveSearch(DecodingStrategy):
         """(branch, token, probability) of the pending candidates, in top-k order."""
         self._next_branch = 1
 
-    @property
-    def max_branches(self) -> int:
-        return self.params.top_k
+    @staticmethod
+    def max_branches(params) -> int:
+        return params.top_k
 
     def step(self, view: StepView) -> StepDecision:
         if self._context is None:  # the prompt is done: branch 0 has the first logits

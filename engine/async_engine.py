@@ -115,11 +115,6 @@ class AsyncEngine:
             self._send(("abort", req_id))
         return len(req_ids)
 
-    @property
-    def num_streams(self) -> int:
-        """Requests accepted and not yet finished (queued, running, or about to be added)."""
-        return len(self._streams)
-
     def shutdown(self) -> None:
         """Stops the engine thread; streams still open end with EngineDeadError."""
         with self._lock:

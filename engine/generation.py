@@ -40,7 +40,7 @@ def max_branches(params) -> int:
     """Most branches a request with these params keeps alive (for the KV check at admission)."""
     if params.strategy is None:
         return 1
-    return strategy_class(params.strategy)(params.strategy).max_branches
+    return strategy_class(params.strategy).max_branches(params.strategy)
 
 
 class Generations:
@@ -182,6 +182,9 @@ class Generations:
     def _free(self, gen: Generation, branch: int) -> None:
         req = gen.branches.pop(branch)
         gen.freed_forward_tokens += req.num_forward_tokens
+        if branch == 0:  # the prompt's branch: its queueing and prefix hits are the request's
+            gen.head.first_scheduled_time = req.first_scheduled_time
+            gen.head.num_cached_tokens = req.num_cached_tokens
         if not req.is_finished:
             self.engine.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
 
@@ -201,10 +204,6 @@ class Generations:
         if root is not None:
             head.first_scheduled_time = root.first_scheduled_time
             head.num_cached_tokens = root.num_cached_tokens
-        elif head.first_scheduled_time is None:
-            head.first_scheduled_time = min(
-                (r.first_scheduled_time for r in gen.branches.values()
-                 if r.first_scheduled_time is not None), default=None)
 
     def _emit(self, gen: Generation, tokens: list[int]) -> RequestOutput:
         self._sync_stats(gen)
@@ -219,7 +218,6 @@ class Generations:
             status = outputs.check_stop(head, self.engine.max_model_len) or status
         head.candidates = [(c.token_ids, self.engine.tokenizer.decode(c.token_ids), c.score)
                            for c in candidates]
-        self._sync_stats(gen)
         self._end(gen, status)
         return outputs.emit(head, best, None, None)
 

@@ -39,6 +39,8 @@ class PromptLayout(msgspec.Struct, frozen=True):
     """Index of the token's parallel set, -1 outside sets."""
     member_ids: list[int]
     """Index of the token's member within its set, -1 outside sets."""
+    member_span: tuple[int, int] = (0, 0)
+    """[first, last + 1) token indices covering every set member (empty without sets)."""
 
     @property
     def structure_key(self) -> tuple:
@@ -76,8 +78,10 @@ def layout(prompt: StructuredPrompt, encode) -> PromptLayout:
             set_ids += [-1] * len(tokens)
             member_ids += [-1] * len(tokens)
             pos += len(tokens)
+    members = [i for i, s in enumerate(set_ids) if s >= 0]
+    span = (members[0], members[-1] + 1) if members else (0, 0)
     return PromptLayout(token_ids=ids, positions=positions, set_ids=set_ids,
-                        member_ids=member_ids)
+                        member_ids=member_ids, member_span=span)
 
 
 def _tokens(part, encode, special: bool, field: str) -> list[int]:

@@ -99,8 +99,10 @@ class Request:
 
     def needs_structure_mask(self, start: int, end: int) -> bool:
         """Whether tokens [start, end) include set members (which must not see each other)."""
-        return (self.layout is not None and start < len(self.layout.set_ids)
-                and any(s >= 0 for s in self.layout.set_ids[start:end]))
+        if self.layout is None:
+            return False
+        first, last = self.layout.member_span
+        return start < last and end > first
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)

@@ -147,10 +147,6 @@ class EngineClient:
         if self._inflight == 0:
             self._idle.set()
 
-    @property
-    def num_inflight(self) -> int:
-        return self._inflight
-
     def abort(self, req_ids) -> int:
         return sum(self.front.abort(r) for r in req_ids) if self.front else 0
 

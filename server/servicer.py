@@ -7,7 +7,7 @@ surface as task cancellation, which closes the request's stream (abort, KV freed
 from __future__ import annotations
 
 import asyncio
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 
 import grpc
 
@@ -72,24 +72,30 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return convert.finished(out, tracked.sub, self.ctx.max_model_len,
                                 tracked.time_limited, timings)
 
-    async def GenerateStream(self, request, context):
+    @asynccontextmanager
+    async def _generation_rpc(self, context):
+        """Every error becomes a status; the RPC is counted by its final code."""
         code = grpc.StatusCode.OK
         try:
-            async with aclosing(self._admit(request, context)) as tracked:
-                async for event in self._events(tracked):
-                    yield event
+            yield
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+        except Exception as exc:  # noqa: BLE001
             code = status_of(exc)[0]
             await abort_with(context, exc)
         finally:
             self.metrics.requests.labels(code.name).inc()
 
+    async def GenerateStream(self, request, context):
+        async with self._generation_rpc(context):
+            async with aclosing(self._admit(request, context)) as tracked:
+                async for event in self._events(tracked):
+                    yield event
+
     async def Generate(self, request, context):
-        code, result = grpc.StatusCode.OK, pb.GenerateResult()
-        try:
+        result = pb.GenerateResult()
+        async with self._generation_rpc(context):
             async with aclosing(self._admit(request, context)) as tracked:
                 result.request_id = tracked.req_id
                 async for event in self._events(tracked):
@@ -102,14 +108,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         result.finished.CopyFrom(event.finished)
                 result.candidates.extend(convert.candidate_results(tracked.final))
             return result
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001
-            code = status_of(exc)[0]
-            await abort_with(context, exc)
-        finally:
-            self.metrics.requests.labels(code.name).inc()
 
     async def Abort(self, request, context):
         return pb.AbortResponse(aborted=self.client.abort(request.request_ids))
