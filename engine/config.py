@@ -9,7 +9,9 @@ import msgspec
 
 from engine.loader import DEFAULT_MODEL
 
-_DTYPES = ("float32", "bfloat16")
+_DTYPES = ("float32", "bfloat16", "float16")
+NORM_SCHEMES = ("pre", "lns", "mix_ln")
+"""Where a Llama-family decoder layer puts its RMSNorms (see `ModelConfig.norm_scheme`)."""
 
 
 def _require(ok: bool, field: str, value, rule: str) -> None:
@@ -22,7 +24,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """A local Hugging Face-format directory, or the name of an embedded model."""
     dtype: str = "float32"
     """Weights and activations dtype. float32 is the parity reference; bfloat16 is faster on
-    CPUs with AMX/AVX512-BF16 and on GPUs."""
+    CPUs with AMX/AVX512-BF16 and on GPUs; float16 is for GPUs (slow on most CPUs)."""
     max_model_len: int | None = None
     """Longest prompt + output; defaults to the model's max_position_embeddings."""
     num_threads: int | None = None
@@ -38,6 +40,16 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     forces the gather + scaled_dot_product_attention reference path."""
     device: str = "auto"
     """"cpu", "cuda", "cuda:N", or "auto" (CUDA when available, else CPU)."""
+    norm_scheme: str | None = None
+    """Norm placement of a Llama-family model, which its checkpoint cannot declare (LNS and
+    Mix-LN checkpoints are saved as plain `model_type: llama`): "pre" (standard Pre-LN),
+    "lns" (LayerNorm-Scaling: both pre-norms of layer l scaled by 1/sqrt(l), l from 1) or
+    "mix_ln" (Post-LN in the first layers, Pre-LN after). None takes the model directory's
+    `config.json` key `"polydecode": {"norm_scheme": ...}`, else "pre"; it is never guessed
+    from the weights."""
+    mix_ln_ratio: float | None = None
+    """Mix-LN's alpha: the first floor(alpha * num_layers) layers are Post-LN. None takes the
+    directory's `"polydecode": {"mix_ln_ratio": ...}`, else 0.25. Only for "mix_ln"."""
 
     @property
     def resolved_device(self) -> str:
@@ -57,6 +69,13 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
                  self.max_model_len, "must be positive")
         _require(self.num_threads is None or self.num_threads > 0, "num_threads",
                  self.num_threads, "must be positive")
+        _require(self.norm_scheme is None or self.norm_scheme in NORM_SCHEMES, "norm_scheme",
+                 self.norm_scheme, f"must be one of {NORM_SCHEMES}")
+        _require(self.mix_ln_ratio is None or 0.0 <= self.mix_ln_ratio <= 1.0, "mix_ln_ratio",
+                 self.mix_ln_ratio, "must be in [0, 1]")
+        _require(self.mix_ln_ratio is None or self.norm_scheme in (None, "mix_ln"),
+                 "mix_ln_ratio", self.mix_ln_ratio,
+                 f"only applies to norm_scheme='mix_ln' (got {self.norm_scheme!r})")
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -17,10 +17,17 @@ DEMO_PROMPT = "The three most useful things to know about paged attention are"
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF-format model directory or embedded model name (default: SmolLM2)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantization", default="none", choices=["none", "int8"],
                    help="int8: weight-only int8 linear layers")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--norm-scheme", default=None, choices=["pre", "lns", "mix_ln"],
+                   help="Llama norm placement: pre (standard), lns (LayerNorm-Scaling), "
+                        "mix_ln (Post-LN first layers); default: the model directory's "
+                        "config.json \"polydecode\" key, else pre")
+    p.add_argument("--mix-ln-ratio", type=float, default=None, metavar="ALPHA",
+                   help="mix_ln: the first floor(ALPHA * layers) layers are Post-LN "
+                        "(default: the directory's value, else 0.25)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -160,7 +167,8 @@ def make_engine_config(args):
 
     return EngineConfig(
         model=ModelConfig(model=args.model or ModelConfig().model, dtype=args.dtype,
-                          quantization=args.quantization, num_threads=args.threads),
+                          quantization=args.quantization, num_threads=args.threads,
+                          norm_scheme=args.norm_scheme, mix_ln_ratio=args.mix_ln_ratio),
         cache=CacheConfig(num_blocks=args.num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs))

@@ -34,3 +34,14 @@ def hf_tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Runs a module of tiny-model tests on one torch thread: at hidden sizes of 32-128 each
+    matmul is microseconds of work, and handing it to an OpenMP team costs more (15-50x
+    slower generation was measured on a busy 2-core machine)."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)

@@ -3,9 +3,20 @@
 There is no batch axis and no padding: a step's tokens from every sequence are concatenated
 into `input_ids [num_tokens]` with their `positions [num_tokens]`, and attention finds each
 token's context through the step's `AttentionMetadata`.
+
+Norm placement is a config field (`norm_scheme`), because LNS and Mix-LN checkpoints are saved
+as plain Llama ones:
+- "pre": standard Pre-LN, x + Attn(Norm_in(x)), then h + FFN(Norm_post(h)).
+- "lns": LayerNorm-Scaling (Sun et al. 2025): both pre-norm outputs of layer l (counted from
+  1) are multiplied by 1/sqrt(l); the final norm is not. Folded into the norm weights at load
+  time by default, after which the model is an ordinary Llama.
+- "mix_ln": Mix-LN (Li et al. 2024): the first `num_post_ln_layers` layers are Post-LN,
+  h = Norm_a(x + Attn(x)), y = Norm_f(h + FFN(h)); the rest are Pre-LN.
 """
 
 from __future__ import annotations
+
+import math
 
 import msgspec
 import torch
@@ -13,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
+from engine.config import NORM_SCHEMES, ModelConfig
 from engine.layers.attention import PagedAttention
 from engine.layers.norms import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
@@ -26,6 +38,7 @@ PACKED_MODULES = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+DEFAULT_MIX_LN_RATIO = 0.25
 
 
 class LlamaConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,15 +53,25 @@ class LlamaConfig(msgspec.Struct, frozen=True, kw_only=True):
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
+    norm_scheme: str = "pre"
+    """"pre", "lns" or "mix_ln" (see the module docstring)."""
+    num_post_ln_layers: int = 0
+    """Mix-LN: layers [0, num_post_ln_layers) are Post-LN; 0 for the other schemes."""
+    fold_lns: bool = True
+    """LNS: fold 1/sqrt(l) into the norm weights at load time (False scales the norm outputs
+    at run time, the paper's form; the two agree to float rounding)."""
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "LlamaConfig":
+    def from_hf(cls, hf: dict, model_config: ModelConfig | None = None) -> "LlamaConfig":
+        """The config of a HF `config.json` dict; `model_config` (a ModelConfig) may select
+        the norm scheme, which otherwise comes from the dict's "polydecode" key."""
         # transformers 5 writes rope_parameters; older checkpoints have rope_theta at the top.
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", None):
             raise ValueError(f"rope_type={rope_type!r}: only default RoPE is supported")
         heads = hf["num_attention_heads"]
+        norm_scheme, num_post_ln_layers = _resolve_norm_scheme(hf, model_config)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -61,7 +84,36 @@ class LlamaConfig(msgspec.Struct, frozen=True, kw_only=True):
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            norm_scheme=norm_scheme,
+            num_post_ln_layers=num_post_ln_layers,
         )
+
+
+def _resolve_norm_scheme(hf: dict, model_config: ModelConfig | None) -> tuple[str, int]:
+    """(norm_scheme, num_post_ln_layers). A ModelConfig value wins over the directory's
+    `"polydecode": {"norm_scheme": ..., "mix_ln_ratio": ...}`, which wins over the defaults
+    ("pre", alpha 0.25). Nothing is inferred from the weights."""
+    declared = hf.get("polydecode") or {}
+    scheme = (getattr(model_config, "norm_scheme", None) or declared.get("norm_scheme")
+              or "pre")
+    if scheme not in NORM_SCHEMES:
+        raise ValueError(f"polydecode.norm_scheme={scheme!r}: must be one of {NORM_SCHEMES} "
+                         f"(config.json)")
+    ratio = getattr(model_config, "mix_ln_ratio", None)
+    if ratio is not None and scheme != "mix_ln":
+        raise ValueError(f"mix_ln_ratio={ratio!r}: only applies to norm_scheme='mix_ln' "
+                         f"(the model's norm_scheme is {scheme!r})")
+    if scheme != "mix_ln":
+        return scheme, 0
+    if ratio is None:
+        ratio = declared.get("mix_ln_ratio", DEFAULT_MIX_LN_RATIO)
+        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"polydecode.mix_ln_ratio={ratio!r}: must be in [0, 1] "
+                             f"(config.json)")
+    # floor(alpha * L), as in the Mix-LN paper and its scripts (POST_NUM 3 of 12 layers, 6 of
+    # 24); Python's round() would round half to even (7.5 -> 8). The epsilon keeps products
+    # like 0.29 * 100 = 28.999999999999996 from flooring one layer short.
+    return scheme, math.floor(ratio * hf["num_hidden_layers"] + 1e-9)
 
 
 class LlamaAttention(nn.Module):
@@ -100,23 +152,53 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    """Decoder layer `index` (0-based) in the placement `cfg.norm_scheme` gives it: Pre-LN
+    (input_layernorm, post_attention_layernorm) or, for Mix-LN's first layers, Post-LN
+    (post_attention_layernorm, post_feedforward_layernorm; no input norm).
+
+    The checkpoint key `post_attention_layernorm` is the norm right after the attention
+    residual in both placements: it normalises the FFN input in a Pre-LN layer and the
+    attention block's output in a Post-LN one. The same module name receives it either way
+    and the layer's placement decides what it does.
+    """
+
+    def __init__(self, cfg: LlamaConfig, index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_post_ln = index < cfg.num_post_ln_layers
+        if not self.is_post_ln:
+            self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
+        if self.is_post_ln:
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Unfolded LNS only: the factor the paper multiplies both pre-norm outputs by.
+        self.lns_scale = (1 / math.sqrt(index + 1)
+                          if cfg.norm_scheme == "lns" and not cfg.fold_lns else None)
 
     def forward(self, rope, x, kv_cache, meta, captures=None, index=-1):
-        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
-        ffn_input = self.post_attention_layernorm(x)
-        if captures is not None:
-            captures[f"ffn_input:{index}"] = ffn_input
+        if self.is_post_ln:
+            # h = Norm_a(x + Attn(x)); y = Norm_f(h + FFN(h))
+            h = self.post_attention_layernorm(x + self.self_attn(rope, x, kv_cache, meta))
+            _capture(captures, index, h)
+            return self.post_feedforward_layernorm(h + self.mlp(h))
+        x = x + self.self_attn(rope, self._pre_norm(self.input_layernorm, x), kv_cache, meta)
+        ffn_input = self._pre_norm(self.post_attention_layernorm, x)
+        _capture(captures, index, ffn_input)
         return x + self.mlp(ffn_input)
+
+    def _pre_norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        return norm(x) if self.lns_scale is None else norm(x) * self.lns_scale
+
+
+def _capture(captures: dict[str, torch.Tensor] | None, index: int, ffn_input: torch.Tensor
+             ) -> None:
+    if captures is not None:
+        captures[f"ffn_input:{index}"] = ffn_input
 
 
 class LlamaForCausalLM(nn.Module):
-    """Pre-norm decoder stack; `forward` returns final-norm hidden states, logits come from
+    """Decoder stack (norms placed per `config.norm_scheme`); `forward` returns final-norm hidden states, logits come from
     `compute_logits` on the rows that are sampled only (the LM head is the largest GEMM)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
@@ -124,7 +206,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -154,25 +237,62 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights) -> None:
-        """Copies HF-named tensors into the (fused) parameters; every parameter must be set."""
+        """Copies HF-named tensors into the (fused) parameters; every parameter must be set.
+        Runs once: with folded LNS it then scales the pre-norm weights in place."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
             name = name.removeprefix("model.")
-            if "rotary_emb.inv_freq" in name or (
-                    name == "lm_head.weight" and self.config.tie_word_embeddings):
+            if self._is_unused(name):
                 continue
             target, shard = name, None
             for hf_name, (fused, index) in PACKED_MODULES.items():
                 if f".{hf_name}." in name:
                     target, shard = name.replace(hf_name, fused), index
                     break
+            if target not in params:
+                raise ValueError(f"checkpoint weight {name!r} has no place in this model"
+                                 f"{self._norm_hint([name])}")
             self._copy_shard(target, params[target], tensor, shard)
             loaded.add(target)
         missing = set(params) - loaded - ({"lm_head.weight"} if self.config.tie_word_embeddings
                                           else set())
         if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}"
+                             f"{self._norm_hint(missing)}")
+        if self.config.norm_scheme == "lns" and self.config.fold_lns:
+            self._fold_lns()
+
+    def _is_unused(self, name: str) -> bool:
+        if "rotary_emb.inv_freq" in name or (
+                name == "lm_head.weight" and self.config.tie_word_embeddings):
+            return True
+        # A Post-LN layer has no input norm; some exports still save an (unused) one.
+        parts = name.split(".")
+        return (len(parts) > 2 and parts[0] == "layers" and parts[2] == "input_layernorm"
+                and int(parts[1]) < self.config.num_post_ln_layers)
+
+    def _norm_hint(self, names) -> str:
+        # A Mix-LN checkpoint loaded without norm_scheme="mix_ln", or with the wrong ratio,
+        # fails on its norm weights: say which placement the loader expected.
+        cfg = self.config
+        if cfg.norm_scheme == "mix_ln":
+            return (f" (norm_scheme='mix_ln' with {cfg.num_post_ln_layers} Post-LN layers of "
+                    f"{cfg.num_hidden_layers}: each needs post_attention_layernorm and "
+                    f"post_feedforward_layernorm, the rest input_layernorm and "
+                    f"post_attention_layernorm; check mix_ln_ratio)")
+        if any("post_feedforward_layernorm" in name for name in names):
+            return (f" (norm_scheme={cfg.norm_scheme!r}; a Mix-LN checkpoint needs "
+                    f"norm_scheme='mix_ln')")
+        return ""
+
+    def _fold_lns(self) -> None:
+        # LNS scales Norm(x) = gamma * x_hat by 1/sqrt(l); folding the factor into gamma makes
+        # the model an ordinary Pre-LN Llama with no extra multiply per norm.
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                layer.input_layernorm.weight.mul_(1 / math.sqrt(i + 1))
+                layer.post_attention_layernorm.weight.mul_(1 / math.sqrt(i + 1))
 
     def _copy_shard(self, name: str, param: nn.Parameter, tensor: torch.Tensor,
                     shard: int | None) -> None:
