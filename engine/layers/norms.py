@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,3 +20,44 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm `(x - mean) / sqrt(var + eps) * weight + bias` computed in float32.
+
+    The output is cast to the parameters' dtype (the model's compute dtype), so a float32
+    residual stream can feed low-precision linears directly.
+    """
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, hidden_size] -> same shape, in the parameters' dtype."""
+        out = F.layer_norm(x.float(), self.weight.shape, self.weight.float(),
+                           self.bias.float(), self.eps)
+        return out.to(self.weight.dtype)
+
+
+class CenteredNorm(nn.Module):
+    """A LayerNorm whose per-token std is replaced by a fixed per-module scale:
+    `(x - mean(x)) * weight + bias`, where `weight` already holds gamma / sigma_bar.
+
+    This is the LayerNorm-free GPT-2 norm (models.md section 1.3): mean subtraction is kept,
+    the variance normalisation is gone. Computed in float32 and cast to the parameters' dtype.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [num_tokens, hidden_size] -> same shape, in the parameters' dtype."""
+        x32 = x.float()
+        out = torch.addcmul(self.bias.float(), x32 - x32.mean(-1, keepdim=True),
+                            self.weight.float())
+        return out.to(self.weight.dtype)
