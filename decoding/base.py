@@ -61,7 +61,8 @@ class Candidate(msgspec.Struct, frozen=True):
 
 
 class StepDecision(msgspec.Struct, kw_only=True):
-    """What to do after a step. Applied in order: forks, appends, frees, emit, finish."""
+    """What to do after a step. Applied in order: frees of branches no fork reads, forks,
+    appends, the other frees, emit, finish."""
 
     forks: list[Fork] = []
     appends: list[tuple[int, int]] = []

@@ -1,8 +1,9 @@
 """Contrastive search (Su et al. 2022) on forked branches: one batched forward per token.
 
 Each step the current branch's processed distribution gives the top-k candidates v. The
-strategy forks k branches, each the current one plus one candidate, and frees the current one
-(the children share its KV blocks). The engine runs the k single-token branches together with
+strategy forks k - 1 branches, each the current one plus one of the candidates 2..k (the
+children share its KV blocks or copy its state slot), and the current branch itself continues
+with the first candidate, so a step holds k branches at most and copies k - 1 partial blocks. The engine runs the k single-token branches together with
 all other traffic; that one forward yields both the hidden state h_v of each candidate (the
 LM-head input at its position) and the logits of the position after it. The winner is
 argmax_v (1 - alpha) p(v) - alpha max_j cos(h_v, h_j) over the hidden states h_j of every
@@ -54,19 +55,21 @@ class ContrastiveSearch(DecodingStrategy):
         self._append_context(hidden[best:best + 1])
         losers = [branch for branch, _, _ in self._candidates if branch != winner]
         decision = self._expand(winner, view.logits[order[best]], emit=[token])
-        decision.frees = losers + decision.frees
+        decision.frees = losers
         return decision
 
     def _expand(self, branch: int, logits: torch.Tensor, emit: list[int]) -> StepDecision:
-        """Forks one branch per top-k candidate of `branch` and frees `branch` itself."""
+        """Makes one branch per top-k candidate of `branch`: `branch` itself takes the first
+        (forks are applied before appends, so the others fork from its current tokens)."""
         k = min(self.params.top_k, logits.shape[-1])
         probs, tokens = logits.softmax(dim=-1).topk(k)
-        forks, self._candidates = [], []
-        for p, t in zip(probs.tolist(), tokens.tolist()):
+        probs, tokens = probs.tolist(), tokens.tolist()
+        forks, self._candidates = [], [(branch, tokens[0], probs[0])]
+        for p, t in zip(probs[1:], tokens[1:]):
             child, self._next_branch = self._next_branch, self._next_branch + 1
             forks.append(Fork(parent=branch, child=child, token=t))
             self._candidates.append((child, t, p))
-        return StepDecision(forks=forks, frees=[branch], emit=emit)
+        return StepDecision(forks=forks, appends=[(branch, tokens[0])], emit=emit)
 
     def _append_context(self, hidden: torch.Tensor) -> None:
         unit = torch.nn.functional.normalize(hidden.float(), dim=-1)

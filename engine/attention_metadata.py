@@ -22,6 +22,8 @@ class PrefillChunk(msgspec.Struct, kw_only=True):
     context so far (attention then runs on the chunk's own k/v with a causal mask)."""
     mask: torch.Tensor | None = None
     """[1, 1, q_len, num_context_tokens + q_len] bool, True where attention is allowed."""
+    state_slot: int = -1
+    """The sequence's state slot (state-slot models only)."""
 
 
 class AttentionMetadata(msgspec.Struct, kw_only=True):
@@ -40,3 +42,5 @@ class AttentionMetadata(msgspec.Struct, kw_only=True):
     decode_mask: torch.Tensor | None = None
     """[num_decode_tokens, 1, 1, max_context_len] bool, True on real context positions."""
     prefills: list[PrefillChunk]
+    state_slots: torch.Tensor | None = None
+    """[num_decode_tokens] int64 state slots of the decode rows (state-slot models only)."""

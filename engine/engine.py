@@ -25,6 +25,7 @@ from engine.request import Request, RequestStatus
 from engine.sampler import Sampler, SamplingBatch, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.state_cache_manager import StateCacheManager
 from engine.tokenizer import Tokenizer
 
 
@@ -47,8 +48,10 @@ class Engine:
         if self.max_model_len > max_positions:
             raise ValueError(f"max_model_len={self.max_model_len}: the model has position "
                              f"embeddings for {max_positions} tokens")
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
-                                       config.cache.enable_prefix_caching)
+        self.kv_cache = (StateCacheManager(self.runner.num_blocks)
+                         if self.runner.uses_state_slots else
+                         KVCacheManager(self.runner.num_blocks, config.cache.block_size,
+                                        config.cache.enable_prefix_caching))
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.tokenizer)
@@ -75,6 +78,8 @@ class Engine:
         else:
             token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._validate(token_ids, params, captures)
+        if layout is not None and self.kv_cache.state_slots:
+            self._validate_sets_fit_one_chunk(layout)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         req_id = req_id if req_id is not None else f"req-{next(self._req_counter)}"
         req = Request(req_id, token_ids, params, seed, self.tokenizer.eos_token_ids,
@@ -97,6 +102,8 @@ class Engine:
         # Branches share the prompt's full blocks; each needs its own for the rest.
         shared = len(token_ids) // bs if params.strategy is not None else 0
         needed = shared + max_branches(params) * (-(-max_tokens // bs) - shared)
+        if self.kv_cache.state_slots:  # one whole-sequence state per branch
+            needed = max_branches(params)
         if needed > self.kv_cache.num_blocks:
             raise InvalidArgument(
                 "max_new_tokens", f"prompt ({len(token_ids)} tokens) + max_new_tokens "
@@ -112,6 +119,16 @@ class Engine:
             if name != CAPTURE_FINAL_HIDDEN and not _is_layer_capture(
                     name, self.runner.config.num_hidden_layers):
                 raise InvalidArgument("captures", f"unknown capture {name!r}")
+
+    def _validate_sets_fit_one_chunk(self, layout) -> None:
+        # A state slot cannot hold a half-computed parallel set (see StateCacheManager), so
+        # the prompt up to its last set member runs in one step.
+        budget = self.config.scheduler.max_num_batched_tokens
+        if layout.member_span[1] > budget:
+            raise InvalidArgument(
+                "prompt", f"on a linear-attention model the prompt's parallel sets and "
+                f"everything before them ({layout.member_span[1]} tokens) must fit one step "
+                f"(max_num_batched_tokens={budget})")
 
     def add_request(self, prompt: str | Sequence[int] | Request,
                     params: SamplingParams | None = None, req_id: str | None = None,

@@ -130,6 +130,9 @@ class Generations:
         if gen.prompt_hidden and 0 in gen.branches:
             prompt_hidden = torch.cat(gen.prompt_hidden).float()
             gen.prompt_hidden = []
+            # Handed over once: the prompt branch may live on as a candidate branch.
+            root = gen.branches[0]
+            root.captures = root.captures - {CAPTURE_PROMPT_HIDDEN}
         return StepView(branch_ids=branch_ids, logits=logits, hidden=hidden,
                         prompt_hidden=prompt_hidden,
                         output_token_ids=[r.output_token_ids for r in rows],
@@ -138,12 +141,18 @@ class Generations:
                         min_new_tokens=params.min_new_tokens, ignore_eos=params.ignore_eos)
 
     def _apply(self, gen: Generation, decision: StepDecision) -> RequestOutput | None:
+        # Branches no fork reads are freed first: their KV makes room for the forks.
+        parents = {fork.parent for fork in decision.forks}
+        for branch in decision.frees:
+            if branch not in parents:
+                self._free(gen, branch)
         for fork in decision.forks:
             self._fork(gen, gen.branches[fork.parent], fork.child, fork.token)
         for branch, token in decision.appends:
             gen.branches[branch].append_token(token)
         for branch in decision.frees:
-            self._free(gen, branch)
+            if branch in parents:
+                self._free(gen, branch)
         head = gen.head
         if decision.finished:
             return self._finish_with_candidates(gen, decision.candidates or [])

@@ -68,6 +68,9 @@ class KVCacheManager:
             freed, and reused by later sequences with the same prefix.
     """
 
+    state_slots = False
+    """Paged per-token KV (see `engine.state_cache_manager` for whole-sequence states)."""
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         assert block_size > 0, f"block_size={block_size}"
         self.num_blocks = num_blocks

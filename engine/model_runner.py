@@ -8,6 +8,8 @@ requests asked to capture.
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 import torch
 
@@ -17,11 +19,10 @@ from engine.loader import iter_safetensors, load_hf_config, resolve_model_dir
 from engine.kernels import paged_attention
 from engine.layers.packed_linear import can_prepack, prepack_linears
 from engine.layers.quantize import quantize_linears
-from engine.layers.rotary import RotaryEmbedding
 from engine.models import resolve_architecture
 from engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 CAPTURE_FINAL_HIDDEN = "final_hidden"
 """Capture name of the LM-head input (final-norm hidden state) of a sampled row."""
@@ -53,7 +54,12 @@ class ModelRunner:
         self.model_dir = resolve_model_dir(model_config.model)
         self.hf_config = load_hf_config(self.model_dir)
         model_cls, config_cls = resolve_architecture(self.hf_config)
-        self.config = config_cls.from_hf(self.hf_config)
+        self.config = config_cls.from_hf(self.hf_config, model_config)
+        if not hasattr(self.config, "norm_scheme") and (
+                model_config.norm_scheme not in (None, "pre")
+                or model_config.mix_ln_ratio is not None):
+            raise ValueError(f"norm_scheme={model_config.norm_scheme!r}: only Llama-family "
+                             f"models take a norm scheme ({model_cls.__name__} does not)")
         self.dtype = _DTYPES[model_config.dtype]
         with torch.device("meta"):
             model = model_cls(self.config)
@@ -68,24 +74,38 @@ class ModelRunner:
         if model_config.prepack_weights and can_prepack(self.model):
             # Decode batches are what the packed layout is tuned for.
             prepack_linears(self.model, batch_hint=32)
-        self.block_size = cache_config.block_size
+        self.uses_state_slots = getattr(model_cls, "uses_state_slots", False)
+        """Linear-attention model: one whole-sequence state slot per sequence, no KV blocks
+        (block ids are slot ids, `block_size` is meaningless)."""
+        self.block_size = 1 if self.uses_state_slots else cache_config.block_size
         self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(cache_config)
-        self.kv_caches = self._allocate_kv_cache()
+        self.kv_caches = (self._allocate_state_pools() if self.uses_state_slots
+                          else self._allocate_kv_cache())
         self.use_paged_kernel = (model_config.attention_backend != "torch"
+                                 and not self.uses_state_slots
                                  and self.device.type == "cpu" and paged_attention.is_available())
 
     @staticmethod
     def _reset_buffers(model: torch.nn.Module) -> None:
-        # Non-persistent buffers (RoPE tables) were created on "meta"; rebuild them on the CPU.
+        # Non-persistent buffers (RoPE tables, decay rates) were created on "meta"; rebuild
+        # them on the CPU.
         for module in model.modules():
-            if isinstance(module, RotaryEmbedding):
+            if hasattr(module, "rebuild"):
                 module.rebuild()
 
     def _kv_bytes_per_block(self) -> int:
+        if self.uses_state_slots:  # float32 states of every layer
+            return 4 * sum(math.prod(shape) for shape in self.model.state_shapes())
         cfg = self.config
         elem = torch.finfo(self.dtype).bits // 8
         return (2 * cfg.num_hidden_layers * self.block_size * cfg.num_key_value_heads
                 * cfg.head_dim * elem)
+
+    def _allocate_state_pools(self) -> list[torch.Tensor]:
+        # One spare slot at the end, never handed out (like the null KV block).
+        with self.device:
+            return [torch.zeros((self.num_blocks + 1, *shape), dtype=torch.float32)
+                    for shape in self.model.state_shapes()]
 
     def _blocks_for_memory(self, cache_config: CacheConfig) -> int:
         return max(1, cache_config.kv_cache_memory_mib * (1 << 20) // self._kv_bytes_per_block())
@@ -145,11 +165,16 @@ class ModelRunner:
             return
         src = torch.tensor([c[0] for c in copies], dtype=torch.long)
         dst = torch.tensor([c[1] for c in copies], dtype=torch.long)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
+        for cache in self._cache_tensors():
+            cache[dst] = cache[src]
+
+    def _cache_tensors(self):
+        for cache in self.kv_caches:
+            yield from ((cache,) if self.uses_state_slots else cache)
 
     def _prepare(self, items: list[ScheduledRequest]):
+        if self.uses_state_slots:
+            return self._prepare_state(items)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -185,6 +210,48 @@ class ModelRunner:
                 decode_tables, decode_lens)
         elif decode_lens:
             meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
+        return (torch.tensor(input_ids, dtype=torch.long),
+                torch.tensor(positions, dtype=torch.long), meta, sample_rows, sampled)
+
+    def _prepare_state(self, items: list[ScheduledRequest]):
+        """Inputs of a state-slot model: each sequence's slot instead of per-token KV slots.
+        A sequence computing its first token starts from a zeroed slot."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[ScheduledRequest] = []
+        decode_slots: list[int] = []
+        fresh_slots: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for item in items:
+            req, start = item.request, item.request.num_computed_tokens
+            end = start + item.num_new_tokens
+            slot = item.block_ids[0]
+            if start == 0:
+                fresh_slots.append(slot)
+            q_start = len(input_ids)
+            input_ids += req.all_token_ids[start:end]
+            positions += req.positions(start, end)
+            if _is_decode(item):
+                decode_slots.append(slot)
+            else:
+                mask = None
+                if req.needs_structure_mask(start, end):  # a structured prompt's sets
+                    assert start == 0, "a structured prompt split before its last set member"
+                    mask = self._prefill_chunk(q_start, start, end, [], req).mask
+                prefills.append(PrefillChunk(q_start=q_start, q_len=end - start,
+                                             num_context_tokens=start, mask=mask,
+                                             state_slot=slot))
+            if item.samples:
+                sample_rows.append(len(input_ids) - 1)
+                sampled.append(item)
+        if fresh_slots:
+            fresh = torch.tensor(fresh_slots, dtype=torch.long)
+            for pool in self.kv_caches:
+                pool[fresh] = 0
+        meta = AttentionMetadata(
+            slot_mapping=torch.empty(0, dtype=torch.long), num_decode_tokens=len(decode_slots),
+            state_slots=torch.tensor(decode_slots, dtype=torch.long), prefills=prefills)
         return (torch.tensor(input_ids, dtype=torch.long),
                 torch.tensor(positions, dtype=torch.long), meta, sample_rows, sampled)
 

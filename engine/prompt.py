@@ -41,6 +41,9 @@ class PromptLayout(msgspec.Struct, frozen=True):
     """Index of the token's member within its set, -1 outside sets."""
     member_span: tuple[int, int] = (0, 0)
     """[first, last + 1) token indices covering every set member (empty without sets)."""
+    next_position: int = 0
+    """Position id of the first token after the prompt (past the longest member when the
+    prompt ends with a set)."""
 
     @property
     def structure_key(self) -> tuple:
@@ -81,7 +84,7 @@ def layout(prompt: StructuredPrompt, encode) -> PromptLayout:
     members = [i for i, s in enumerate(set_ids) if s >= 0]
     span = (members[0], members[-1] + 1) if members else (0, 0)
     return PromptLayout(token_ids=ids, positions=positions, set_ids=set_ids,
-                        member_ids=member_ids, member_span=span)
+                        member_ids=member_ids, member_span=span, next_position=pos)
 
 
 def _tokens(part, encode, special: bool, field: str) -> list[int]:

@@ -94,8 +94,8 @@ class Request:
         prompt = self.layout.positions
         n = len(prompt)
         head = prompt[start:min(end, n)]
-        first_new = max(start, n)
-        return head + list(range(prompt[-1] + 1 + first_new - n, prompt[-1] + 1 + end - n))
+        first_new, after = max(start, n), self.layout.next_position
+        return head + list(range(after + first_new - n, after + end - n))
 
     def needs_structure_mask(self, start: int, end: int) -> bool:
         """Whether tokens [start, end) include set members (which must not see each other)."""

@@ -191,6 +191,8 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
             num_new = min(num_new, budget)
+            if num_cached + num_new < self._first_chunk_end(req):
+                break
             if self.kv.allocate_slots(req.req_id, req.all_token_ids, num_cached, num_new,
                                       cached=cached, extra_key=req.extra_key) is None:
                 break
@@ -203,6 +205,13 @@ class Scheduler:
             self.running.append(req)
             scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
+
+    def _first_chunk_end(self, req: Request) -> int:
+        """Tokens a request's first chunk must reach: a state slot cannot hold a half-computed
+        parallel set, so on state-slot models a structured prompt's sets run in one chunk."""
+        if req.layout is None or not self.kv.state_slots:
+            return 0
+        return req.layout.member_span[1]
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
         if req.first_scheduled_time is None:

@@ -5,14 +5,34 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+
+def _has_remote_code(model_dir: Path) -> bool:
+    config = model_dir / "config.json"
+    return config.is_file() and "auto_map" in json.loads(config.read_text())
+
+
+def load_hf_tokenizer(model_dir: Path):
+    """`AutoTokenizer.from_pretrained(dir)`, except for checkpoints that ship their own Python
+    code (`auto_map`, e.g. TransNormerLLM): that code is never run, their `tokenizer.json` is
+    read directly."""
+    model_dir = Path(model_dir)
+    if not _has_remote_code(model_dir):
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    if (model_dir / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    raise FileNotFoundError(
+        f"{model_dir}: the checkpoint's tokenizer is custom code (auto_map) and there is no "
+        f"tokenizer.json; convert its tokenizer to tokenizer.json once (e.g. load it with "
+        f"transformers and save_pretrained a fast tokenizer)")
 
 
 class Tokenizer:
     """Encodes exactly as `AutoTokenizer.from_pretrained(dir)(text)` does."""
 
     def __init__(self, model_dir: Path) -> None:
-        self.hf = AutoTokenizer.from_pretrained(str(model_dir))
+        self.hf = load_hf_tokenizer(model_dir)
         self.eos_token_ids = self._eos_token_ids(Path(model_dir))
 
     def _eos_token_ids(self, model_dir: Path) -> tuple[int, ...]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from engine.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from engine.models.llama import LlamaConfig, LlamaForCausalLM
+from engine.models.transnormer import TransnormerConfig, TransnormerForCausalLM
 
 MODEL_REGISTRY = {
     "LlamaForCausalLM": (LlamaForCausalLM, LlamaConfig),
+    "TransnormerForCausalLM": (TransnormerForCausalLM, TransnormerConfig),
+    "GPT2LMHeadModel": (GPT2LMHeadModel, GPT2Config),
 }
 
 

@@ -1,0 +1,260 @@
+"""TransNormerLLM (OpenNLPLab, 2024 Hugging Face checkpoint format): linear attention with a
+per-head, per-layer exponential decay instead of softmax attention.
+
+Block, per layer l (Qin et al., "TransNormerLLM"; the 2024 `modeling_transnormer.py`):
+
+    x += out_proj( SRMSNorm(o) * u ),   o = DecayedLinearAttention(phi(q), phi(k), v)
+    x += l3( l1(z) * l2(z) ),           z = SRMSNorm(x)          (SGLU: no activation)
+    [q, k, v, u] = qkvu_proj(SRMSNorm(x))                        (u: no sigmoid)
+
+SRMSNorm has no weight. Layer 0 applies LRPE (learned per-channel angles `theta`, loaded from
+the checkpoint) to q and k, which doubles their width (cos || sin). There is no KV cache: each
+sequence keeps one fixed-size float32 state per layer, `[H, d_k, d_v]`, in a state slot owned
+through the engine's cache manager like a (single, whole-sequence) block. The decay rates are
+in `engine.layers.linear_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention_metadata import AttentionMetadata
+from engine.layers import linear_attention as la
+
+_ACTIVATIONS = {
+    "swish": F.silu, "silu": F.silu, "relu": F.relu, "sigmoid": torch.sigmoid,
+    "elu": F.elu, "1+elu": lambda x: 1 + F.elu(x), "none": lambda x: x,
+}
+# HF checkpoint name -> (fused parameter, shard): l1 and l2 read the same input, so they run
+# as one GEMM (decode is bound by the number and size of weight reads).
+PACKED_MODULES = {"channel_mixer.l1": ("channel_mixer.l12", 0),
+                  "channel_mixer.l2": ("channel_mixer.l12", 1)}
+DEFAULT_MAX_POSITIONS = 1 << 16
+"""Linear attention has no position table; this only bounds a request's length."""
+
+
+class TransnormerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    vocab_size: int
+    hidden_size: int
+    """decoder_embed_dim: the residual width."""
+    attention_dim: int
+    """hidden_dim: width of q, k, v, u (split over heads)."""
+    glu_dim: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    activation: str
+    lrpe_layers: tuple[int, ...]
+    scale_embedding: bool
+    bias: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    norm_eps: float = 1e-8
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention_dim // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict, model_config=None) -> "TransnormerConfig":
+        if hf.get("norm_type", "simplermsnorm") != "simplermsnorm":
+            raise ValueError(f"norm_type={hf['norm_type']!r}: only 'simplermsnorm' is supported")
+        act = hf.get("linear_act_fun", "swish")
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"linear_act_fun={act!r}: must be one of {sorted(_ACTIVATIONS)}")
+        layers, heads = hf["decoder_layers"], hf["decoder_attention_heads"]
+        lrpe = hf.get("linear_use_lrpe_list") or [0] * layers
+        if len(lrpe) != layers:
+            raise ValueError(f"linear_use_lrpe_list={lrpe!r}: needs one entry per layer")
+        embed = hf["decoder_embed_dim"]
+        attention_dim = hf.get("hidden_dim", embed)
+        if attention_dim % heads:
+            raise ValueError(f"hidden_dim={attention_dim}: not divisible by {heads} heads")
+        glu = hf.get("glu_dim", embed)
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=embed, attention_dim=attention_dim,
+            glu_dim=embed if glu == -1 else glu, num_hidden_layers=layers,
+            num_attention_heads=heads, activation=act,
+            lrpe_layers=tuple(i for i, on in enumerate(lrpe) if on),
+            scale_embedding=not hf.get("no_scale_embedding", False), bias=hf.get("bias", False),
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            max_position_embeddings=hf.get("max_position_embeddings", DEFAULT_MAX_POSITIONS))
+
+    def state_shape(self, layer: int) -> tuple[int, int, int]:
+        """[heads, d_k, d_v] of one layer's recurrent state (LRPE doubles d_k)."""
+        d = self.head_dim
+        return (self.num_attention_heads, 2 * d if layer in self.lrpe_layers else d, d)
+
+
+def simple_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """`x / (rms(x) + eps)` in float32, no weight (OpenNLPLab's SimpleRMSNorm: the eps is
+    added to the RMS, not under the square root)."""
+    x32 = x.float()
+    rms = x32.norm(dim=-1, keepdim=True) * x32.shape[-1] ** -0.5
+    return (x32 / (rms + eps)).to(x.dtype)
+
+
+class Lrpe(nn.Module):
+    """Linearised relative positional encoding: [x cos(theta n), x sin(theta n)], so that
+    q_t . k_i depends on t - i only; applied with absolute positions before the state update."""
+
+    def __init__(self, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.empty(num_heads, 1, head_dim))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, d]; positions: [T] -> [T, H, 2d]."""
+        angle = self.theta[:, 0].float() * positions.float()[:, None, None]   # [T, H, d]
+        x32 = x.float()
+        return torch.cat([x32 * torch.cos(angle), x32 * torch.sin(angle)], dim=-1).to(x.dtype)
+
+
+class NormLinearAttention(nn.Module):
+    """Token mixer: decayed linear attention reading and updating the sequences' state slots."""
+
+    def __init__(self, cfg: TransnormerConfig, layer: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.layer, self.num_layers = layer, cfg.num_hidden_layers
+        self.eps = cfg.norm_eps
+        self.act = _ACTIVATIONS[cfg.activation]
+        self.qkvu_proj = nn.Linear(cfg.hidden_size, 4 * cfg.attention_dim, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.attention_dim, cfg.hidden_size, bias=cfg.bias)
+        self.lrpe = Lrpe(self.num_heads, self.head_dim) if layer in cfg.lrpe_layers else None
+        self._decay: torch.Tensor | None = None
+
+    def decay(self, device: torch.device) -> torch.Tensor:
+        """[H] float32 decay rates. Not a buffer: `model.to(bfloat16)` would round them."""
+        if self._decay is None or self._decay.device != device:
+            with torch.device(device):
+                self._decay = la.decay_rates(self.num_heads, self.layer, self.num_layers)
+        return self._decay
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """x: [T, hidden]; state: [num_slots + 1, H, d_k, d_v] float32, updated in place."""
+        T, H = x.shape[0], self.num_heads
+        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)                 # 4 x [T, H * d]
+        q = self.act(q).view(T, H, -1)
+        k = self.act(k).view(T, H, -1)
+        v = v.view(T, H, -1)
+        if self.lrpe is not None:
+            q, k = self.lrpe(q, positions), self.lrpe(k, positions)    # [T, H, 2d]
+        out = torch.empty(T, H, self.head_dim, dtype=torch.float32, device=x.device)
+        decay = self.decay(x.device)
+        n = meta.num_decode_tokens
+        if n:
+            slots = meta.state_slots
+            out[:n], state[slots] = la.recurrent_step(q[:n], k[:n], v[:n], decay,
+                                                      state[slots])
+        for chunk in meta.prefills:
+            rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+            qh, kh, vh = (t[rows].transpose(0, 1) for t in (q, k, v))   # [H, m, d]
+            if chunk.mask is not None:  # a structured prompt, always from its first token
+                o, final = la.masked_parallel(qh, kh, vh, decay, positions[rows],
+                                              chunk.mask[0, 0])
+            else:
+                o, final = la.chunked_prefill(qh, kh, vh, decay, state[chunk.state_slot])
+            out[rows] = o.transpose(0, 1)
+            state[chunk.state_slot] = final
+        # SRMSNorm over all heads together, then the raw (ungated) u as output gate.
+        mixed = simple_rms_norm(out.view(T, -1), self.eps).to(x.dtype) * u
+        return self.out_proj(mixed)
+
+
+class SGLU(nn.Module):
+    def __init__(self, cfg: TransnormerConfig) -> None:
+        super().__init__()
+        self.l12 = nn.Linear(cfg.hidden_size, 2 * cfg.glu_dim, bias=cfg.bias)
+        self.l3 = nn.Linear(cfg.glu_dim, cfg.hidden_size, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.l12(x).chunk(2, dim=-1)
+        return self.l3(a * b)
+
+
+class TransnormerDecoderLayer(nn.Module):
+    def __init__(self, cfg: TransnormerConfig, layer: int) -> None:
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.token_mixer = NormLinearAttention(cfg, layer)
+        self.channel_mixer = SGLU(cfg)
+
+    def forward(self, x, positions, state, meta, captures=None, index=-1):
+        x = x + self.token_mixer(simple_rms_norm(x, self.eps), positions, state, meta)
+        ffn_input = simple_rms_norm(x, self.eps)
+        if captures is not None:
+            captures[f"ffn_input:{index}"] = ffn_input
+        return x + self.channel_mixer(ffn_input)
+
+
+class TransnormerForCausalLM(nn.Module):
+    """Flat token stream like the attention families; `kv_caches` are the per-layer state
+    pools `[num_slots + 1, H, d_k, d_v]` (the last slot is never handed out)."""
+
+    uses_state_slots = True
+
+    def __init__(self, cfg: TransnormerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embedding else 1.0
+        self.layers = nn.ModuleList(TransnormerDecoderLayer(cfg, i)
+                                    for i in range(cfg.num_hidden_layers))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def state_shapes(self) -> list[tuple[int, int, int]]:
+        return [self.config.state_shape(i) for i in range(self.config.num_hidden_layers)]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata,
+                capture_layers: frozenset[int] = frozenset()
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """input_ids, positions: [num_tokens]. Returns (final-norm hidden [num_tokens,
+        hidden_size], captures {"ffn_input:<layer>": [num_tokens, hidden_size]})."""
+        captures: dict[str, torch.Tensor] = {}
+        x = self.embed_tokens(input_ids) * self.embed_scale
+        for i, layer in enumerate(self.layers):
+            sink = captures if i in capture_layers else None
+            x = layer(x, positions, kv_caches[i], meta, sink, i)
+        return simple_rms_norm(x, self.config.norm_eps), captures
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights) -> None:
+        """Copies HF-named tensors (`model.layers.N.token_mixer.qkvu_proj.weight`, ...) into
+        the parameters (l1/l2 fused); every parameter must be set."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        tied = self.config.tie_word_embeddings
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if (name == "lm_head.weight" and tied) or name.endswith(".version"):
+                continue
+            target, shard = name, None
+            for hf_name, (fused, index) in PACKED_MODULES.items():
+                if f".{hf_name}." in name:
+                    target, shard = name.replace(hf_name, fused), index
+            if target not in params:
+                raise ValueError(f"unexpected weight {name!r} in the checkpoint")
+            with torch.no_grad():
+                param = params[target]
+                if shard is None:
+                    param.copy_(tensor.view_as(param))
+                else:
+                    rows = param.shape[0] // 2
+                    param[shard * rows:(shard + 1) * rows].copy_(tensor)
+            loaded.add(target)
+        missing = set(params) - loaded - ({"lm_head.weight"} if tied else set())
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
