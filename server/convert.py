@@ -284,10 +284,11 @@ def _finish_reason(out: RequestOutput, sub: Submission, max_model_len: int,
 def model_info(engine, ctx: Context, strategies) -> pb.ModelInfo:
     cfg, limits = engine.config, ctx.limits
     return pb.ModelInfo(
-        model=cfg.model.model, family=engine.runner.hf_config.get("model_type", ""),
+        model=cfg.model.model, family=engine.runner.config.family,
         max_context=ctx.max_model_len, vocab_size=ctx.vocab_size,
         eos_token_ids=list(engine.tokenizer.eos_token_ids), strategies=list(strategies),
-        constraints=[], dtype=cfg.model.dtype, kv_block_size=cfg.cache.block_size,
+        constraints=[], dtype=cfg.model.dtype,
+        kv_block_size=0 if engine.runner.uses_state_slots else cfg.cache.block_size,
         limits=pb.Limits(
             max_prompt_tokens=ctx.max_prompt_tokens, max_new_tokens=ctx.max_new_tokens,
             max_stop_sequences=limits.max_stop_sequences, max_stop_bytes=limits.max_stop_bytes,

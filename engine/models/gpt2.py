@@ -72,6 +72,11 @@ class GPT2Config(msgspec.Struct, frozen=True, kw_only=True):
     scale_attn_by_inverse_layer_idx: bool
     """Also divide layer i's attention scores by i + 1 (Stanford CRFM's Mistral GPT-2 runs)."""
 
+    @property
+    def family(self) -> str:
+        """"gpt2" or "gpt2-ln-free" (GetModelInfo.family)."""
+        return "gpt2-ln-free" if self.layer_norm_free else "gpt2"
+
     @classmethod
     def from_hf(cls, hf: dict, model_config=None) -> "GPT2Config":
         """Reads a HF GPT-2 config.json dict; raises ValueError(field=value: rule) for

@@ -61,6 +61,12 @@ class LlamaConfig(msgspec.Struct, frozen=True, kw_only=True):
     """LNS: fold 1/sqrt(l) into the norm weights at load time (False scales the norm outputs
     at run time, the paper's form; the two agree to float rounding)."""
 
+    @property
+    def family(self) -> str:
+        """"llama", "llama-lns" or "llama-mix-ln" (GetModelInfo.family)."""
+        return "llama" if self.norm_scheme == "pre" else f"llama-{self.norm_scheme}".replace(
+            "_", "-")
+
     @classmethod
     def from_hf(cls, hf: dict, model_config: ModelConfig | None = None) -> "LlamaConfig":
         """The config of a HF `config.json` dict; `model_config` (a ModelConfig) may select

@@ -55,6 +55,8 @@ class TransnormerConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_position_embeddings: int
     norm_eps: float = 1e-8
 
+    family = "transnormer"
+
     @property
     def head_dim(self) -> int:
         return self.attention_dim // self.num_attention_heads

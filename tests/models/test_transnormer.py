@@ -390,3 +390,88 @@ def test_set_prompt_must_fit_one_step_on_state_models(tnl):
     with pytest.raises(InvalidArgument) as err:
         engine.generate([prompt], GREEDY)
     assert err.value.field == "prompt"
+
+
+# ---- every strategy on the state-slot model --------------------------------------------------
+
+@torch.inference_mode()
+def reference_contrastive(oracle, ids, k, alpha, max_new=MAX_NEW):
+    """Su et al. 2022 over the oracle's final-norm hidden states, full recompute per
+    candidate: argmax (1 - alpha) p(v) - alpha max_j cos(h_v, h_j)."""
+    ids = list(ids)
+    context = oracle.hidden(ids)
+    logits = oracle.logits(context[-1])
+    out = []
+    for _ in range(max_new):
+        probs, tokens = torch.softmax(logits, -1).topk(k)
+        hidden = [oracle.hidden(ids + [int(t)]) for t in tokens]
+        last = torch.stack([h[-1] for h in hidden])
+        cosine = F.normalize(last, dim=-1) @ F.normalize(context, dim=-1).T
+        best = int(((1 - alpha) * probs - alpha * cosine.max(-1).values).argmax())
+        ids.append(int(tokens[best]))
+        out.append(int(tokens[best]))
+        context = torch.cat([context, last[best:best + 1]])
+        logits = oracle.logits(last[best])
+    return out
+
+
+@torch.inference_mode()
+def reference_beams(oracle, ids, num_beams, max_new):
+    """Beam search without any EOS (asserted): the num_beams best continuations by summed
+    log-probability, each step expanding every beam by its 2 * num_beams best tokens."""
+    beams = [(0.0, [])]
+    for _ in range(max_new):
+        candidates = []
+        for score, tokens in beams:
+            logprobs = torch.log_softmax(oracle.logits(oracle.hidden(ids + tokens)[-1]), -1)
+            values, best = logprobs.topk(2 * num_beams)
+            candidates += [(score + float(v), tokens + [int(t)]) for v, t in zip(values, best)]
+        beams = sorted(candidates, key=lambda c: -c[0])[:num_beams]
+        assert all(tokens[-1] != 2 for _, tokens in beams)  # no EOS: the simple rule holds
+    return beams
+
+
+def test_contrastive_search_matches_reference(tnl, prompt_ids):
+    path, oracle = tnl
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True,
+                            strategy=Contrastive(top_k=4, penalty_alpha=0.6))
+    engine = make_engine(path, num_blocks=16)
+    expected = [reference_contrastive(oracle, ids, 4, 0.6) for ids in prompt_ids[:3]]
+    assert _generate(engine, prompt_ids[:3], params) == expected
+    assert expected != [tnl[1].greedy(ids) for ids in prompt_ids[:3]]
+
+
+def test_beam_search_matches_reference(tnl, prompt_ids):
+    from decoding.params import BeamSearch
+    path, oracle = tnl
+    max_new = 6
+    params = SamplingParams(max_new_tokens=max_new,
+                            strategy=BeamSearch(num_beams=3, num_return=2))
+    engine = make_engine(path, num_blocks=16)
+    outs = engine.generate(prompt_ids[:3], params)
+    for ids, out in zip(prompt_ids[:3], outs):
+        expected = reference_beams(oracle, ids, 3, max_new)[:2]
+        assert [c.token_ids for c in out.candidates] == [tokens for _, tokens in expected]
+        for cand, (score, _) in zip(out.candidates, expected):
+            assert cand.score == pytest.approx(score / max_new, abs=1e-4)
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+
+
+def test_seeded_sampling_alone_equals_batched(tnl, prompt_ids):
+    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.8, top_p=0.95, seed=7,
+                            ignore_eos=True)
+    engine = make_engine(tnl[0], num_blocks=16)
+    alone = [_generate(engine, [ids], params)[0] for ids in prompt_ids]
+    assert _generate(engine, prompt_ids, params) == alone
+    assert alone != _generate(engine, prompt_ids, GREEDY)
+
+
+def test_cli_generate_contrastive(tnl, prompt_ids, capsys):
+    from server.cli import main
+
+    path, oracle = tnl
+    assert main(["generate", "--model", str(path), "--prompt", PROMPTS[1], "--strategy",
+                 "contrastive", "--top-k", "4", "--penalty-alpha", "0.6", "--ignore-eos",
+                 "--max-new-tokens", str(MAX_NEW), "--num-blocks", "8", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["token_ids"] == reference_contrastive(oracle, prompt_ids[1], 4, 0.6)
