@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
+from engine.kernels.linear_attention import linear_decode
 from engine.layers import linear_attention as la
 
 _ACTIVATIONS = {
@@ -149,10 +150,8 @@ class NormLinearAttention(nn.Module):
         out = torch.empty(T, H, self.head_dim, dtype=torch.float32, device=x.device)
         decay = self.decay(x.device)
         n = meta.num_decode_tokens
-        if n:
-            slots = meta.state_slots
-            out[:n], state[slots] = la.recurrent_step(q[:n], k[:n], v[:n], decay,
-                                                      state[slots])
+        if n:  # decode rows: one token each, state updated in its slot
+            out[:n] = linear_decode(q[:n], k[:n], v[:n], decay, state, meta.state_slots)
         for chunk in meta.prefills:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             qh, kh, vh = (t[rows].transpose(0, 1) for t in (q, k, v))   # [H, m, d]

@@ -1,23 +1,15 @@
 """C++ paged decode attention for the CPU path, parallel over (sequence, kv head) with torch's
-own thread pool (at::parallel_for; the extension links libgomp.so.1 by soname, so it shares
-the OpenMP runtime torch already loaded).
+own thread pool (built by `engine.kernels.cpp_build`).
 
 Reads K/V straight from the blocks named by each sequence's block table: no gathered copy of
-the context, no padding, one pass over K for the scores and one over V for the output. It is
-compiled once per machine with the host compiler (`-O3 -march=native`, so the dot products
-vectorise to the widest SIMD the CPU has) and cached by torch's extension builder.
+the context, no padding, one pass over K for the scores and one over V for the output.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import platform
-import sys
-import warnings
 
-import torch
+from engine.kernels.cpp_build import build
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -94,34 +86,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
 """
 
 
-def _cpu_tag() -> str:
-    """Names the build after the CPU's instruction sets: a `-march=native` binary cached for
-    one CPU must never be loaded on another (it would die with SIGILL)."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
-
-
 @functools.cache
 def load_extension():
     """Compiles (first call on a machine) and loads the extension; None if it cannot build."""
-    from torch.utils.cpp_extension import load_inline
-
-    # The ninja build tool comes with the Python environment (a pip dependency); make it
-    # findable when that environment's bin/ is not on PATH (e.g. `.venv/bin/python -m ...`).
-    env_bin = os.path.dirname(sys.executable)
-    if env_bin not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
-    try:
-        return load_inline(
-            name=f"polydecode_paged_attention_cpu_{_cpu_tag()}", cpp_sources=[_SOURCE],
-            functions=["paged_decode_attention"],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-            verbose=False)
-    except Exception as exc:  # noqa: BLE001 - no compiler / headers: the torch path still works
-        warnings.warn(f"paged decode kernel unavailable, using the torch path: {exc}")
-        return None
+    return build("paged_attention_cpu", _SOURCE, ["paged_decode_attention"])
