@@ -108,10 +108,19 @@ class Lrpe(nn.Module):
     def __init__(self, num_heads: int, head_dim: int) -> None:
         super().__init__()
         self.theta = nn.Parameter(torch.empty(num_heads, 1, head_dim))
+        self._theta32: torch.Tensor | None = None
+
+    def keep_float32(self) -> None:
+        """Keeps a float32 copy of the loaded angles (call before the model is cast): in
+        bfloat16, theta * position would be off by radians after a few hundred tokens."""
+        self._theta32 = self.theta.detach()[:, 0].float().clone()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, H, d]; positions: [T] -> [T, H, 2d]."""
-        angle = self.theta[:, 0].float() * positions.float()[:, None, None]   # [T, H, d]
+        if self._theta32 is None or self._theta32.device != x.device:
+            self._theta32 = (self.theta.detach()[:, 0] if self._theta32 is None
+                             else self._theta32).float().to(x.device)
+        angle = self._theta32 * positions.float()[:, None, None]              # [T, H, d]
         x32 = x.float()
         return torch.cat([x32 * torch.cos(angle), x32 * torch.sin(angle)], dim=-1).to(x.dtype)
 
@@ -259,3 +268,6 @@ class TransnormerForCausalLM(nn.Module):
         missing = set(params) - loaded - ({"lm_head.weight"} if tied else set())
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+        for module in self.modules():
+            if isinstance(module, Lrpe):
+                module.keep_float32()

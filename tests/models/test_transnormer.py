@@ -475,3 +475,25 @@ def test_cli_generate_contrastive(tnl, prompt_ids, capsys):
                  "--max-new-tokens", str(MAX_NEW), "--num-blocks", "8", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["token_ids"] == reference_contrastive(oracle, prompt_ids[1], 4, 0.6)
+
+
+def test_bfloat16_keeps_lrpe_angles_and_states_in_float32(tnl, prompt_ids):
+    """bfloat16 weights, float32 LRPE angles and states. theta rounded to bfloat16 would put
+    the angle theta * 300 off by up to ~1 radian; the float32 copy keeps LRPE exact up to the
+    output's own bfloat16 rounding."""
+    path, oracle = tnl
+    half = make_engine(path, num_blocks=2, dtype="bfloat16")
+    lrpe = half.runner.model.layers[0].token_mixer.lrpe
+    assert lrpe.theta.dtype == torch.bfloat16 and half.runner.kv_caches[0].dtype == torch.float32
+    theta = oracle.sd["model.layers.0.token_mixer.lrpe.theta"][:, 0]          # float64 [H, d]
+    x = torch.ones(4, theta.shape[0], theta.shape[1], dtype=torch.bfloat16)
+    positions = torch.arange(300, 304)
+    angle = theta * positions.double()[:, None, None]
+    exact = torch.cat([torch.cos(angle), torch.sin(angle)], -1)
+    error = (lrpe(x, positions).double() - exact).abs().max()
+    rounded = theta.to(torch.bfloat16).double() * positions.double()[:, None, None]
+    rounded_error = (torch.cat([torch.cos(rounded), torch.sin(rounded)], -1) - exact).abs().max()
+    assert error < 1e-2 < 0.1 < rounded_error
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, logprobs=1)
+    out = half.generate([(prompt_ids[2] * 6)[:300]], params)[0]
+    assert all(math.isfinite(entry.logprob) for entry in out.logprobs)
