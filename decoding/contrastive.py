@@ -3,9 +3,10 @@
 Each step the current branch's processed distribution gives the top-k candidates v. The
 strategy forks k - 1 branches, each the current one plus one of the candidates 2..k (the
 children share its KV blocks or copy its state slot), and the current branch itself continues
-with the first candidate, so a step holds k branches at most and copies k - 1 partial blocks. The engine runs the k single-token branches together with
-all other traffic; that one forward yields both the hidden state h_v of each candidate (the
-LM-head input at its position) and the logits of the position after it. The winner is
+with the first candidate, so a step holds k branches at most and copies k - 1 partial blocks.
+The engine runs the k single-token branches together with all other traffic; that one
+forward yields both the hidden state h_v of each candidate (the LM-head input at its
+position) and the logits of the position after it. The winner is
 argmax_v (1 - alpha) p(v) - alpha max_j cos(h_v, h_j) over the hidden states h_j of every
 previous position (prompt and generated); the winner's branch lives on and its logits seed the
 next step, the other branches are freed. Ties go to the candidate ranked first by p(v), as with

@@ -98,16 +98,17 @@ class Engine:
                                   f"within max_model_len={self.max_model_len}")
         params.validate_for_vocab(self.vocab_size)
         max_tokens = min(len(token_ids) + params.max_new_tokens, self.max_model_len)
-        bs = self.kv_cache.block_size
-        # Branches share the prompt's full blocks; each needs its own for the rest.
-        shared = len(token_ids) // bs if params.strategy is not None else 0
-        needed = shared + max_branches(params) * (-(-max_tokens // bs) - shared)
         if self.kv_cache.state_slots:  # one whole-sequence state per branch
-            needed = max_branches(params)
+            needed, unit = max_branches(params), "state slots"
+        else:  # branches share the prompt's full blocks; each needs its own for the rest
+            bs = self.kv_cache.block_size
+            shared = len(token_ids) // bs if params.strategy is not None else 0
+            needed = shared + max_branches(params) * (-(-max_tokens // bs) - shared)
+            unit = "KV blocks"
         if needed > self.kv_cache.num_blocks:
             raise InvalidArgument(
                 "max_new_tokens", f"prompt ({len(token_ids)} tokens) + max_new_tokens "
-                f"({params.max_new_tokens}) needs {needed} KV blocks but the cache holds only "
+                f"({params.max_new_tokens}) needs {needed} {unit} but the cache holds only "
                 f"{self.kv_cache.num_blocks}; it could never be scheduled")
         sched = self.config.scheduler
         if not sched.enable_chunked_prefill and max_tokens > sched.max_num_batched_tokens:

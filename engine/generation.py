@@ -133,6 +133,7 @@ class Generations:
             # Handed over once: the prompt branch may live on as a candidate branch.
             root = gen.branches[0]
             root.captures = root.captures - {CAPTURE_PROMPT_HIDDEN}
+            root.no_prefix_cache = False
         return StepView(branch_ids=branch_ids, logits=logits, hidden=hidden,
                         prompt_hidden=prompt_hidden,
                         output_token_ids=[r.output_token_ids for r in rows],

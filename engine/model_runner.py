@@ -87,8 +87,7 @@ class ModelRunner:
 
     @staticmethod
     def _reset_buffers(model: torch.nn.Module) -> None:
-        # Non-persistent buffers (RoPE tables, decay rates) were created on "meta"; rebuild
-        # them on the CPU.
+        # Non-persistent buffers (RoPE tables) were created on "meta"; rebuild them on the CPU.
         for module in model.modules():
             if hasattr(module, "rebuild"):
                 module.rebuild()
@@ -102,9 +101,9 @@ class ModelRunner:
                 * cfg.head_dim * elem)
 
     def _allocate_state_pools(self) -> list[torch.Tensor]:
-        # One spare slot at the end, never handed out (like the null KV block).
+        # No spare slot: a state is zeroed or copied before it is read, never padded.
         with self.device:
-            return [torch.zeros((self.num_blocks + 1, *shape), dtype=torch.float32)
+            return [torch.zeros((self.num_blocks, *shape), dtype=torch.float32)
                     for shape in self.model.state_shapes()]
 
     def _blocks_for_memory(self, cache_config: CacheConfig) -> int:
@@ -238,7 +237,8 @@ class ModelRunner:
                 mask = None
                 if req.needs_structure_mask(start, end):  # a structured prompt's sets
                     assert start == 0, "a structured prompt split before its last set member"
-                    mask = self._prefill_chunk(q_start, start, end, [], req).mask
+                    masked = min(end, req.layout.member_span[1])  # the rest is sequential
+                    mask = self._prefill_chunk(q_start, 0, masked, [], req).mask
                 prefills.append(PrefillChunk(q_start=q_start, q_len=end - start,
                                              num_context_tokens=start, mask=mask,
                                              state_slot=slot))

@@ -30,7 +30,7 @@ class StructuredPrompt(msgspec.Struct, frozen=True):
     """Whether the first segment, when it is text, gets the tokenizer's special tokens."""
 
 
-class PromptLayout(msgspec.Struct, frozen=True):
+class PromptLayout(msgspec.Struct, frozen=True, kw_only=True):
     """Token ids plus, per prompt token, its position id and its set membership."""
 
     token_ids: list[int]
@@ -41,9 +41,9 @@ class PromptLayout(msgspec.Struct, frozen=True):
     """Index of the token's member within its set, -1 outside sets."""
     member_span: tuple[int, int] = (0, 0)
     """[first, last + 1) token indices covering every set member (empty without sets)."""
-    next_position: int = 0
-    """Position id of the first token after the prompt (past the longest member when the
-    prompt ends with a set)."""
+    next_position: int
+    """Position id of the first token after the prompt: max(positions) + 1, which is past
+    the longest member when the prompt ends with a set."""
 
     @property
     def structure_key(self) -> tuple:

@@ -32,6 +32,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._pending_copies: list[tuple[int, int]] = []
         self._num_waiting_tokens = 0
+        self._blocked_head: Request | None = None
+        """A set prompt on a state-slot model that found too little budget for its first
+        chunk: the next steps reserve that budget before running requests take theirs."""
         self.num_preemptions = 0
         """Total preemptions since start (a recompute-cost statistic)."""
 
@@ -107,7 +110,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
-        budget = self._schedule_running(budget, scheduled, preempted)
+        reserved = self._reserved_budget()
+        budget = self._schedule_running(budget - reserved, scheduled, preempted) + reserved
         if not preempted:
             self._schedule_waiting(budget, scheduled)
             while not scheduled and self.waiting and self._preempt_parked(preempted):
@@ -192,12 +196,15 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             if num_cached + num_new < self._first_chunk_end(req):
+                self._blocked_head = req
                 break
             if self.kv.allocate_slots(req.req_id, req.all_token_ids, num_cached, num_new,
                                       cached=cached, extra_key=req.extra_key) is None:
                 break
             self.waiting.popleft()
             self._num_waiting_tokens -= req.num_tokens
+            if req is self._blocked_head:
+                self._blocked_head = None
             req.status = RequestStatus.RUNNING
             if req.num_preemptions == 0:  # report prefix hits of the first admission only
                 req.num_cached_tokens = num_cached
@@ -205,6 +212,14 @@ class Scheduler:
             self.running.append(req)
             scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
+
+    def _reserved_budget(self) -> int:
+        """Budget held back from running requests for a blocked set prompt at the head of the
+        queue (without it, a set prompt near the budget would wait behind every decode)."""
+        head = self.waiting[0] if self.waiting else None
+        if head is None or head is not self._blocked_head:
+            return 0
+        return self._first_chunk_end(head)
 
     def _first_chunk_end(self, req: Request) -> int:
         """Tokens a request's first chunk must reach: a state slot cannot hold a half-computed

@@ -26,8 +26,7 @@ class StateCacheManager:
     """Hands out whole-sequence state slots `0 .. num_slots - 1`.
 
     Args:
-        num_slots: Number of state slots (the first dimension of each layer's state pool,
-            less the never-allocated spare slot).
+        num_slots: Number of state slots (the first dimension of each layer's state pool).
     """
 
     state_slots = True

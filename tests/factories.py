@@ -29,7 +29,7 @@ def make_engine(model_dir, **kwargs):
     engine = Engine(make_engine_config(model_dir, **kwargs))
     if engine.runner.uses_state_slots:  # a slot is zeroed or copied before its first read
         for pool in engine.runner.kv_caches:
-            pool[:-1].fill_(float("nan"))
+            pool.fill_(float("nan"))
         return engine
     for k_cache, v_cache in engine.runner.kv_caches:
         k_cache[:-1].fill_(float("nan"))

@@ -40,21 +40,32 @@ DEFAULT_MAX_POSITIONS = 1 << 16
 
 
 class TransnormerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Read from the checkpoint's `config.json` (OpenNLPLab's key names in brackets)."""
+
     vocab_size: int
     hidden_size: int
-    """decoder_embed_dim: the residual width."""
+    """The residual width (decoder_embed_dim)."""
     attention_dim: int
-    """hidden_dim: width of q, k, v, u (split over heads)."""
+    """Width of q, k, v and u, split over the heads (hidden_dim)."""
     glu_dim: int
+    """SGLU inner width (glu_dim; -1 means hidden_size)."""
     num_hidden_layers: int
+    """(decoder_layers) also sets the decay schedule's depth factor."""
     num_attention_heads: int
+    """(decoder_attention_heads) each with its own ALiBi-slope decay."""
     activation: str
+    """phi applied to q and k (linear_act_fun: "swish" for the released models)."""
     lrpe_layers: tuple[int, ...]
+    """Layers that apply LRPE (linear_use_lrpe_list: layer 0 only when released)."""
     scale_embedding: bool
+    """Embeddings x sqrt(hidden_size) (not no_scale_embedding)."""
     bias: bool
+    """Biases on every projection (bias; false when released)."""
     tie_word_embeddings: bool
+    """LM head shares the embedding (transformers' default: true)."""
     max_position_embeddings: int
-    norm_eps: float = 1e-8
+    """A bound on request length only: linear attention has no position table."""
+    norm_eps: float = 1e-6
 
     family = "transnormer"
 
@@ -94,11 +105,10 @@ class TransnormerConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def simple_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """`x / (rms(x) + eps)` in float32, no weight (OpenNLPLab's SimpleRMSNorm: the eps is
-    added to the RMS, not under the square root)."""
+    """`x * rsqrt(mean(x^2) + eps)` in float32, no weight (TransNormerLLM's SimpleRMSNorm,
+    torch and Triton versions alike, eps 1e-6)."""
     x32 = x.float()
-    rms = x32.norm(dim=-1, keepdim=True) * x32.shape[-1] ** -0.5
-    return (x32 / (rms + eps)).to(x.dtype)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class Lrpe(nn.Module):
@@ -148,7 +158,7 @@ class NormLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """x: [T, hidden]; state: [num_slots + 1, H, d_k, d_v] float32, updated in place."""
+        """x: [T, hidden]; state: [num_slots, H, d_k, d_v] float32, updated in place."""
         T, H = x.shape[0], self.num_heads
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)                 # 4 x [T, H * d]
         q = self.act(q).view(T, H, -1)
@@ -164,19 +174,32 @@ class NormLinearAttention(nn.Module):
         for chunk in meta.prefills:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             qh, kh, vh = (t[rows].transpose(0, 1) for t in (q, k, v))   # [H, m, d]
-            if chunk.mask is not None:  # a structured prompt, always from its first token
-                o, final = la.masked_parallel(qh, kh, vh, decay, positions[rows],
-                                              chunk.mask[0, 0])
-            else:
-                o, final = la.chunked_prefill(qh, kh, vh, decay, state[chunk.state_slot])
+            o, state[chunk.state_slot] = self._prefill(qh, kh, vh, decay, positions[rows],
+                                                       chunk, state)
             out[rows] = o.transpose(0, 1)
-            state[chunk.state_slot] = final
         # SRMSNorm over all heads together, then the raw (ungated) u as output gate.
         mixed = simple_rms_norm(out.view(T, -1), self.eps).to(x.dtype) * u
         return self.out_proj(mixed)
 
+    @staticmethod
+    def _prefill(q, k, v, decay, positions, chunk, state):
+        """One sequence's prompt chunk ([H, m, d] inputs) -> (o [H, m, d_v], final state)."""
+        if chunk.mask is None:
+            return la.chunked_prefill(q, k, v, decay, state[chunk.state_slot])
+        # A structured prompt, always from its first token: its sets need the masked quadratic
+        # form (`mask` covers them); what follows the last member is sequential and continues
+        # with the chunked form from the state the masked form hands over.
+        n = chunk.mask.shape[-1]
+        o, final = la.masked_parallel(q[:, :n], k[:, :n], v[:, :n], decay, positions[:n],
+                                      chunk.mask[0, 0])
+        if n == q.shape[1]:
+            return o, final
+        rest, final = la.chunked_prefill(q[:, n:], k[:, n:], v[:, n:], decay, final)
+        return torch.cat([o, rest], dim=1), final
+
 
 class SGLU(nn.Module):
+    """Channel mixer `l3(l1(x) * l2(x))`: a GLU without activation (l1 and l2 fused)."""
     def __init__(self, cfg: TransnormerConfig) -> None:
         super().__init__()
         self.l12 = nn.Linear(cfg.hidden_size, 2 * cfg.glu_dim, bias=cfg.bias)
@@ -204,7 +227,7 @@ class TransnormerDecoderLayer(nn.Module):
 
 class TransnormerForCausalLM(nn.Module):
     """Flat token stream like the attention families; `kv_caches` are the per-layer state
-    pools `[num_slots + 1, H, d_k, d_v]` (the last slot is never handed out)."""
+    pools `[num_slots, H, d_k, d_v]` float32."""
 
     uses_state_slots = True
 
@@ -245,7 +268,7 @@ class TransnormerForCausalLM(nn.Module):
         """Copies HF-named tensors (`model.layers.N.token_mixer.qkvu_proj.weight`, ...) into
         the parameters (l1/l2 fused); every parameter must be set."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        loaded: set[tuple[str, int | None]] = set()
         tied = self.config.tie_word_embeddings
         for name, tensor in weights:
             name = name.removeprefix("model.")
@@ -257,17 +280,21 @@ class TransnormerForCausalLM(nn.Module):
                     target, shard = name.replace(hf_name, fused), index
             if target not in params:
                 raise ValueError(f"unexpected weight {name!r} in the checkpoint")
+            param = params[target]
+            if shard is not None:  # l1 / l2: one half of the fused rows each
+                rows = param.shape[0] // 2
+                param = param[shard * rows:(shard + 1) * rows]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected "
+                                 f"{tuple(param.shape)}")
             with torch.no_grad():
-                param = params[target]
-                if shard is None:
-                    param.copy_(tensor.view_as(param))
-                else:
-                    rows = param.shape[0] // 2
-                    param[shard * rows:(shard + 1) * rows].copy_(tensor)
-            loaded.add(target)
-        missing = set(params) - loaded - ({"lm_head.weight"} if tied else set())
+                param.copy_(tensor)
+            loaded.add((target, shard))
+        expected = {(name, shard) for name in params
+                    for shard in ((0, 1) if name.endswith(".l12.weight") else (None,))}
+        missing = expected - loaded - ({("lm_head.weight", None)} if tied else set())
         if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing, key=str)[:5]}")
         for module in self.modules():
             if isinstance(module, Lrpe):
                 module.keep_float32()

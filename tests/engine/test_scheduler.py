@@ -126,3 +126,29 @@ def test_prefix_hit_skips_cached_tokens():
     # 10 tokens: the two full blocks (8 tokens) hit, the remaining 2 are computed.
     assert run_step(sched) == {"a": 1, "b": 2}
     assert b.num_cached_tokens == 8
+
+
+def test_set_prompt_on_state_slots_gets_its_whole_first_chunk_reserved():
+    """On a state-slot model a structured prompt's sets run in one chunk. When running decodes
+    leave too little budget, the next step holds that budget back for it instead of letting
+    the prompt wait until the batch drains."""
+    from engine.prompt import Parallel, StructuredPrompt, layout
+    from engine.state_cache_manager import StateCacheManager
+
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8), StateCacheManager(8))
+    decoders = [make_request(f"d{i}", 1) for i in range(3)]
+    for req in decoders:
+        sched.add_request(req)
+    assert run_step(sched) == {"d0": 1, "d1": 1, "d2": 1}
+    prompt = StructuredPrompt(segments=[[5], Parallel(members=[[6, 7], [8, 9, 10]]), [11]])
+    lay = layout(prompt, lambda text, special: [])
+    structured = Request("s", lay.token_ids, SamplingParams(max_new_tokens=4), seed=0)
+    structured.layout = lay
+    assert lay.member_span[1] == 6
+    sched.add_request(structured)
+    sched.add_request(make_request("late", 1))
+    # 3 decodes leave 5 tokens: the sets (6 tokens) do not fit, nothing behind them jumps in.
+    assert run_step(sched) == {"d0": 1, "d1": 1, "d2": 1}
+    # The next step reserves 6 tokens for them: two decodes wait one step.
+    assert run_step(sched) == {"d0": 1, "d1": 1, "s": 6}
+    assert structured.num_computed_tokens == 6

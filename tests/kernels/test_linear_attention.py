@@ -53,3 +53,9 @@ def test_bad_shapes_are_rejected():
                              torch.tensor([0, 1]))
     with pytest.raises(ValueError):
         kernel.linear_decode(q, q, q, torch.ones(2), pool.double(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError):  # one slot per sequence
+        kernel.linear_decode(q, q, q, torch.ones(2), pool, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.linear_decode(q, q, q, torch.ones(2), pool, torch.tensor([0, 4]))
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.linear_decode(q, q, q, torch.ones(2), pool, torch.tensor([-1, 1]))

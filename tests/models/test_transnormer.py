@@ -167,7 +167,7 @@ class ParallelOracle:
 
     @staticmethod
     def srms(x):
-        return x / (x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1]) + 1e-8)
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
     @torch.inference_mode()
     def hidden(self, ids, positions=None, mask=None):
@@ -497,3 +497,21 @@ def test_bfloat16_keeps_lrpe_angles_and_states_in_float32(tnl, prompt_ids):
     params = SamplingParams(max_new_tokens=4, temperature=0.0, logprobs=1)
     out = half.generate([(prompt_ids[2] * 6)[:300]], params)[0]
     assert all(math.isfinite(entry.logprob) for entry in out.logprobs)
+
+
+@pytest.mark.parametrize("damage", ["drop_l2", "misshapen_qkvu"])
+def test_incomplete_or_misshapen_checkpoint_is_refused(tmp_path, model_dir, damage):
+    from safetensors.torch import load_file
+    from engine.models.transnormer import TransnormerConfig, TransnormerForCausalLM
+
+    write_checkpoint(tmp_path, model_dir, heads=2, tied=True)
+    sd = load_file(tmp_path / "model.safetensors")
+    if damage == "drop_l2":
+        del sd["model.layers.1.channel_mixer.l2.weight"]
+    else:
+        name = "model.layers.0.token_mixer.qkvu_proj.weight"
+        sd[name] = sd[name].reshape(sd[name].shape[1], -1)
+    cfg = TransnormerConfig.from_hf(json.loads((tmp_path / "config.json").read_text()))
+    model = TransnormerForCausalLM(cfg)
+    with pytest.raises(ValueError, match="missing|shape"):
+        model.load_weights(sd.items())

@@ -22,8 +22,8 @@ def linear_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Te
         q, k: [num_seqs, num_heads, d_k]; v: [num_seqs, num_heads, d_v]; one dtype.
         s: [num_heads] float32 decay rates.
         pool: [num_slots, num_heads, d_k, d_v] float32, contiguous.
-        slots: [num_seqs] int64 distinct slot ids (the caller's allocator guarantees them;
-            they are not bounds-checked here).
+        slots: [num_seqs] int64 distinct slot ids in [0, num_slots) (distinctness is the
+            caller's allocator's guarantee; the range is checked by the kernel).
 
     Returns:
         [num_seqs, num_heads, d_v] float32.
@@ -33,6 +33,11 @@ def linear_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Te
         raise ValueError(f"expected q, k [B, H, d_k], v [B, H, d_v] and pool [slots, H, d_k, "
                          f"d_v], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, "
                          f"{tuple(pool.shape)}")
+    if slots.shape != q.shape[:1] or s.shape != q.shape[1:2]:
+        raise ValueError(f"expected slots [{q.shape[0]}] and s [{q.shape[1]}], got "
+                         f"{tuple(slots.shape)} and {tuple(s.shape)}")
+    if not (q.device == k.device == v.device == pool.device == slots.device):
+        raise ValueError("q, k, v, pool and slots must be on one device")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if pool.dtype != torch.float32 or not pool.is_contiguous() or slots.dtype != torch.int64:

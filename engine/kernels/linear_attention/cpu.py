@@ -41,6 +41,8 @@ torch::Tensor linear_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   const int64_t d_v = v.size(2);
   auto out = torch::empty({num_seqs, num_heads, d_v}, q.options().dtype(torch::kFloat32));
   const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t b = 0; b < num_seqs; ++b)
+    TORCH_CHECK(0 <= sp[b] && sp[b] < pool.size(0), "slot ", sp[b], " out of range");
   const float* lp = lambdas.data_ptr<float>();
   float* pp = pool.data_ptr<float>();
   float* op = out.data_ptr<float>();
