@@ -61,8 +61,9 @@ class Candidate(msgspec.Struct, frozen=True):
 
 
 class StepDecision(msgspec.Struct, kw_only=True):
-    """What to do after a step. Applied in order: frees of branches no fork reads, forks,
-    appends, the other frees, emit, finish."""
+    """What to do after a step. Applied in order: finish (with candidates; nothing else
+    applies), emit (when an emitted token stops the request, nothing else applies), frees of
+    branches no fork reads, forks, appends, the other frees."""
 
     forks: list[Fork] = []
     appends: list[tuple[int, int]] = []

@@ -89,18 +89,14 @@ class Generations:
             gen.ready[req.branch] = (processed[i], hidden)
             touched[gen.head.req_id] = gen
         outputs = []
-        for req_id, gen in touched.items():
+        for gen in touched.values():
             # A ready branch may have been preempted since (its KV is gone): it recomputes
             # and reports again.
             gen.ready = {b: v for b, v in gen.ready.items()
                          if gen.branches[b].num_computed_tokens == gen.branches[b].num_tokens}
             if len(gen.ready) < len(gen.branches):
                 continue
-            view = self._view(gen)
-            try:
-                out = self._apply(gen, gen.strategy.step(view))
-            except ResourceExhausted:  # no block to fork into: this request ends, not the engine
-                out = self.abort(req_id)
+            out = self._apply(gen, gen.strategy.step(self._view(gen)))
             if out is not None:
                 outputs.append(out)
         return outputs
@@ -142,6 +138,36 @@ class Generations:
                         min_new_tokens=params.min_new_tokens, ignore_eos=params.ignore_eos)
 
     def _apply(self, gen: Generation, decision: StepDecision) -> RequestOutput | None:
+        if decision.finished:  # every branch is freed with the request
+            return self._finish_with_candidates(gen, decision.candidates or [])
+        # Emitted tokens first: when one of them ends the request, its forks would only
+        # take blocks (and preempt other requests for them) to be freed at once.
+        status, emitted = self._append_emitted(gen.head, decision.emit)
+        if status is not None:
+            self._end(gen, status)
+            return self._emit(gen, emitted)
+        try:
+            self._apply_branches(gen, decision)
+        except ResourceExhausted:  # no block to fork into: this request ends, not the engine
+            self._end(gen, RequestStatus.FINISHED_ABORTED)
+            return self._emit(gen, emitted)
+        if not decision.emit:
+            assert gen.branches, "a strategy freed every branch without finishing"
+            return None
+        return self._emit(gen, emitted)
+
+    def _append_emitted(self, head: Request, tokens: list[int]):
+        """Appends `tokens` to the head up to the first that stops it: (status, appended)."""
+        status, emitted = None, []
+        for token in tokens:
+            head.append_token(token)
+            emitted.append(token)
+            status = self.engine.outputs.check_stop(head, self.engine.max_model_len)
+            if status is not None:
+                break
+        return status, emitted
+
+    def _apply_branches(self, gen: Generation, decision: StepDecision) -> None:
         # Branches no fork reads are freed first: their KV makes room for the forks.
         parents = {fork.parent for fork in decision.forks}
         for branch in decision.frees:
@@ -154,22 +180,6 @@ class Generations:
         for branch in decision.frees:
             if branch in parents:
                 self._free(gen, branch)
-        head = gen.head
-        if decision.finished:
-            return self._finish_with_candidates(gen, decision.candidates or [])
-        if not decision.emit:
-            assert gen.branches, "a strategy freed every branch without finishing"
-            return None
-        status, emitted = None, []
-        for token in decision.emit:
-            head.append_token(token)
-            emitted.append(token)
-            status = self.engine.outputs.check_stop(head, self.engine.max_model_len)
-            if status is not None:
-                break
-        if status is not None:
-            self._end(gen, status)
-        return self._emit(gen, emitted)
 
     def _fork(self, gen: Generation, parent: Request, child_id: int, token: int) -> None:
         engine = self.engine
