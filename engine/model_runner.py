@@ -175,20 +175,13 @@ class ModelRunner:
         if self.uses_state_slots:
             return self._prepare_state(items)
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
+        batch = _TokenBatch()
         slots: list[int] = []
-        sample_rows: list[int] = []
-        sampled: list[ScheduledRequest] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         for item in items:
-            req, start = item.request, item.request.num_computed_tokens
-            end = start + item.num_new_tokens
-            q_start = len(input_ids)
-            input_ids += req.all_token_ids[start:end]
-            positions += req.positions(start, end)
+            q_start, start, end = batch.add(item)
             table = item.block_ids
             if _is_decode(item):
                 slots.append(table[start // bs] * bs + start % bs)
@@ -196,10 +189,7 @@ class ModelRunner:
                 decode_lens.append(end)
             else:  # one tensor op for a whole chunk's slots, no per-token Python loop
                 slots += self._context_slots(table, end)[start:].tolist()
-                prefills.append(self._prefill_chunk(q_start, start, end, table, req))
-            if item.samples:
-                sample_rows.append(len(input_ids) - 1)
-                sampled.append(item)
+                prefills.append(self._prefill_chunk(q_start, start, end, table, item.request))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             num_decode_tokens=len(decode_lens),
@@ -209,42 +199,29 @@ class ModelRunner:
                 decode_tables, decode_lens)
         elif decode_lens:
             meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
-        return (torch.tensor(input_ids, dtype=torch.long),
-                torch.tensor(positions, dtype=torch.long), meta, sample_rows, sampled)
+        return batch.inputs(meta)
 
     def _prepare_state(self, items: list[ScheduledRequest]):
         """Inputs of a state-slot model: each sequence's slot instead of per-token KV slots.
         A sequence computing its first token starts from a zeroed slot."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        sample_rows: list[int] = []
-        sampled: list[ScheduledRequest] = []
+        batch = _TokenBatch()
         decode_slots: list[int] = []
         fresh_slots: list[int] = []
         prefills: list[PrefillChunk] = []
         for item in items:
-            req, start = item.request, item.request.num_computed_tokens
-            end = start + item.num_new_tokens
-            slot = item.block_ids[0]
+            q_start, start, end = batch.add(item)
+            req, slot = item.request, item.block_ids[0]
             if start == 0:
                 fresh_slots.append(slot)
-            q_start = len(input_ids)
-            input_ids += req.all_token_ids[start:end]
-            positions += req.positions(start, end)
             if _is_decode(item):
                 decode_slots.append(slot)
-            else:
-                mask = None
-                if req.needs_structure_mask(start, end):  # a structured prompt's sets
-                    assert start == 0, "a structured prompt split before its last set member"
-                    masked = min(end, req.layout.member_span[1])  # the rest is sequential
-                    mask = self._prefill_chunk(q_start, 0, masked, [], req).mask
-                prefills.append(PrefillChunk(q_start=q_start, q_len=end - start,
-                                             num_context_tokens=start, mask=mask,
-                                             state_slot=slot))
-            if item.samples:
-                sample_rows.append(len(input_ids) - 1)
-                sampled.append(item)
+                continue
+            mask = None
+            if req.needs_structure_mask(start, end):  # a structured prompt's sets
+                assert start == 0, "a structured prompt split before its last set member"
+                mask = _chunk_mask(req, 0, min(end, req.layout.member_span[1]))  # then sequential
+            prefills.append(PrefillChunk(q_start=q_start, q_len=end - start,
+                                         num_context_tokens=start, mask=mask, state_slot=slot))
         if fresh_slots:
             fresh = torch.tensor(fresh_slots, dtype=torch.long)
             for pool in self.kv_caches:
@@ -252,8 +229,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.empty(0, dtype=torch.long), num_decode_tokens=len(decode_slots),
             state_slots=torch.tensor(decode_slots, dtype=torch.long), prefills=prefills)
-        return (torch.tensor(input_ids, dtype=torch.long),
-                torch.tensor(positions, dtype=torch.long), meta, sample_rows, sampled)
+        return batch.inputs(meta)
 
     def _context_slots(self, table: list[int], num_tokens: int) -> torch.Tensor:
         blocks = torch.tensor(table[:(num_tokens + self.block_size - 1) // self.block_size],
@@ -267,15 +243,9 @@ class ModelRunner:
         structured = req.needs_structure_mask(start, end)
         if start == 0 and not structured:
             return PrefillChunk(q_start=q_start, q_len=q_len, num_context_tokens=0)
-        # Query i is token start + i and may see tokens 0 .. start + i.
-        key_idx = torch.arange(end)
-        query_idx = torch.arange(start, end)
-        mask = key_idx[None, :] <= query_idx[:, None]
-        if structured:
-            mask &= ~_other_members(req.layout, start, end)
         return PrefillChunk(q_start=q_start, q_len=q_len, num_context_tokens=start,
                             context_slots=self._context_slots(table, end) if start else None,
-                            mask=mask[None, None])
+                            mask=_chunk_mask(req, start, end))
 
     def _decode_tables(self, tables: list[list[int]], lens: list[int]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,6 +305,45 @@ def _is_decode(item: ScheduledRequest) -> bool:
         return False
     start = item.request.num_computed_tokens
     return not item.request.needs_structure_mask(start, start + 1)
+
+
+class _TokenBatch:
+    """The flat token stream of one step: ids and positions of every scheduled item in order,
+    and the rows (and items) whose logits are sampled."""
+
+    def __init__(self) -> None:
+        self.input_ids: list[int] = []
+        self.positions: list[int] = []
+        self.sample_rows: list[int] = []
+        self.sampled: list[ScheduledRequest] = []
+
+    def add(self, item: ScheduledRequest) -> tuple[int, int, int]:
+        """Appends the item's new tokens; returns (first row, start token, end token)."""
+        req, start = item.request, item.request.num_computed_tokens
+        end = start + item.num_new_tokens
+        q_start = len(self.input_ids)
+        self.input_ids += req.all_token_ids[start:end]
+        self.positions += req.positions(start, end)
+        if item.samples:
+            self.sample_rows.append(len(self.input_ids) - 1)
+            self.sampled.append(item)
+        return q_start, start, end
+
+    def inputs(self, meta: AttentionMetadata):
+        return (torch.tensor(self.input_ids, dtype=torch.long),
+                torch.tensor(self.positions, dtype=torch.long), meta, self.sample_rows,
+                self.sampled)
+
+
+def _chunk_mask(req, start: int, end: int) -> torch.Tensor:
+    """[1, 1, end - start, end] bool: query i (token start + i) may see tokens 0 .. start + i,
+    except other members of its parallel set."""
+    key_idx = torch.arange(end)
+    query_idx = torch.arange(start, end)
+    mask = key_idx[None, :] <= query_idx[:, None]
+    if req.needs_structure_mask(start, end):
+        mask &= ~_other_members(req.layout, start, end)
+    return mask[None, None]
 
 
 def _other_members(layout, start: int, end: int) -> torch.Tensor:

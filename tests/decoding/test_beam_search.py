@@ -52,19 +52,21 @@ CONFIGS = {
 }
 
 
-def beam_params(config: str) -> SamplingParams:
-    num_beams, length_penalty, early_stopping, num_return = CONFIGS[config]
-    return SamplingParams(max_new_tokens=MAX_NEW_TOKENS, strategy=BeamSearch(
+def beam_params(config: str, configs: dict = CONFIGS,
+                max_new_tokens: int = MAX_NEW_TOKENS) -> SamplingParams:
+    num_beams, length_penalty, early_stopping, num_return = configs[config]
+    return SamplingParams(max_new_tokens=max_new_tokens, strategy=BeamSearch(
         num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
         num_return=num_return))
 
 
 @torch.inference_mode()
-def hf_beam(model, ids: list[int], config: str) -> list[tuple[list[int], float]]:
+def hf_beam(model, ids: list[int], config: str, configs: dict = CONFIGS,
+            max_new_tokens: int = MAX_NEW_TOKENS) -> list[tuple[list[int], float]]:
     """HF's returned sequences (generated part, EOS included, no padding) and their scores."""
-    num_beams, length_penalty, early_stopping, num_return = CONFIGS[config]
+    num_beams, length_penalty, early_stopping, num_return = configs[config]
     out = model.generate(torch.tensor([ids]), num_beams=num_beams, do_sample=False,
-                         max_new_tokens=MAX_NEW_TOKENS, length_penalty=length_penalty,
+                         max_new_tokens=max_new_tokens, length_penalty=length_penalty,
                          early_stopping=early_stopping, num_return_sequences=num_return,
                          pad_token_id=EOS, eos_token_id=EOS, return_dict_in_generate=True,
                          output_scores=True)

@@ -36,12 +36,14 @@ import torch
 import transformers
 from torch import nn
 
-from decoding.params import BeamSearch, Contrastive
+from decoding.params import Contrastive
 from engine.engine import Engine
 from engine.models.gpt2 import GPT2Config
 from engine.sampler import random_exponentials
 from engine.sampling_params import SamplingParams
 from tests.decoding.test_beam_search import _check as check_beam
+from tests.decoding.test_beam_search import beam_params as beam_params_for
+from tests.decoding.test_beam_search import hf_beam as hf_beam_oracle
 from tests.decoding.test_contrastive import reference_contrastive
 from tests.decoding.test_set_prompting import (MEMBERS, PARAMS as SET_PARAMS, QUESTION, SUFFIX,
                                                assert_top_close, oracle_greedy, oracle_layout,
@@ -136,25 +138,12 @@ def hf_last_logits(model, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids])).logits[0, -1].float()
 
 
-@torch.inference_mode()
 def hf_beam(model, ids: list[int], config: str) -> list[tuple[list[int], float]]:
-    """HF's returned sequences (generated part, no padding) and their sequences_scores."""
-    num_beams, length_penalty, early_stopping, num_return = BEAM_CONFIGS[config]
-    out = model.generate(torch.tensor([ids]), num_beams=num_beams, do_sample=False,
-                         max_new_tokens=MAX_NEW_TOKENS, length_penalty=length_penalty,
-                         early_stopping=early_stopping, num_return_sequences=num_return,
-                         pad_token_id=EOS, eos_token_id=EOS, return_dict_in_generate=True,
-                         output_scores=True)
-    lengths = (out.beam_indices != -1).sum(dim=1).tolist()
-    return [(out.sequences[i, len(ids):len(ids) + n].tolist(), float(out.sequences_scores[i]))
-            for i, n in enumerate(lengths)]
+    return hf_beam_oracle(model, ids, config, BEAM_CONFIGS, MAX_NEW_TOKENS)
 
 
 def beam_params(config: str) -> SamplingParams:
-    num_beams, length_penalty, early_stopping, num_return = BEAM_CONFIGS[config]
-    return SamplingParams(max_new_tokens=MAX_NEW_TOKENS, strategy=BeamSearch(
-        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-        num_return=num_return))
+    return beam_params_for(config, BEAM_CONFIGS, MAX_NEW_TOKENS)
 
 
 def contrastive_params(k: int, alpha: float) -> SamplingParams:
