@@ -1,4 +1,8 @@
-"""Decoding strategies. Importing the package registers every strategy (see `decoding.base`)."""
+"""Decoding plug-ins. Importing the package registers every built-in (see `decoding.registry`):
+the transforms of `decoding.transforms`, and the strategies greedy, sampling, contrastive and
+beam, in that order (the order `GetModelInfo.strategies` and `--strategy` list them)."""
 
-from decoding import base, params  # noqa: F401  (base first: strategies register into it)
-from decoding import beam_search, contrastive  # noqa: F401
+from decoding import base, registry  # noqa: F401  (first: plug-ins register into them)
+from decoding import params, transforms  # noqa: F401
+from decoding import sampling  # noqa: F401  (greedy, sampling)
+from decoding import contrastive, beam_search  # noqa: F401

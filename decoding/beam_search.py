@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import torch
 
-from decoding.base import Candidate, DecodingStrategy, Fork, StepDecision, StepView, register
+from decoding.base import Candidate, Fork, SelectionStrategy, StepDecision, StepView
+from decoding.registry import register_strategy
 from decoding.params import BeamSearch as BeamParams
 
 _NEG = -1.0e9
 
 
-@register(BeamParams)
-class BeamSearch(DecodingStrategy):
+@register_strategy(BeamParams)
+class BeamSearch(SelectionStrategy):
     log_softmax_first = True
     streams_output = False
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from decoding.base import DecodingStrategy, Fork, StepDecision, StepView, register
+from decoding.base import Fork, SelectionStrategy, StepDecision, StepView
+from decoding.registry import register_strategy
 from decoding.params import Contrastive
 
 
-@register(Contrastive)
-class ContrastiveSearch(DecodingStrategy):
+@register_strategy(Contrastive)
+class ContrastiveSearch(SelectionStrategy):
     needs_hidden = True
     needs_prompt_hidden = True
 

@@ -1,8 +1,9 @@
 """Per-strategy parameters: one msgspec Struct each, a tagged union, validated on construction.
 
-Greedy and sampling need no Struct of their own: `SamplingParams(temperature=...)` covers them
-(temperature 0 is greedy). The strategies here replace how the next token is chosen; the
-request's penalties, logit bias and stopping criteria still apply.
+The tag is the strategy's name everywhere (see `decoding.registry`). `SamplingParams`' flat
+fields (`temperature`, `top_k`, ...) are the short form of `Greedy` / `Sampling`; the other
+strategies replace how the next token is chosen while the request's transforms (penalties,
+logit bias, min-new-tokens, plug-ins) and stopping criteria still apply.
 """
 
 from __future__ import annotations
@@ -11,22 +12,30 @@ from typing import Union
 
 import msgspec
 
+from decoding.base import InvalidArgument
+
 MAX_CONTRASTIVE_K = 64
 MAX_BEAMS = 32
 
 
-class ParamsError(ValueError):
-    """A strategy parameter is out of range; `field` names it (e.g. "top_k")."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-
 def _require(ok: bool, field: str, reason: str) -> None:
     if not ok:
-        raise ParamsError(field, reason)
+        raise InvalidArgument(field, reason)
+
+
+class Greedy(msgspec.Struct, frozen=True, kw_only=True, tag="greedy"):
+    """The most likely token after the transforms (ties to the lowest token id)."""
+
+
+class Sampling(msgspec.Struct, frozen=True, kw_only=True, tag="sampling"):
+    """Ancestral sampling from the transformed distribution; same fields and rules as the
+    flat `SamplingParams` fields it stands for."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
 
 
 class Contrastive(msgspec.Struct, frozen=True, kw_only=True, tag="contrastive"):
@@ -64,4 +73,4 @@ class BeamSearch(msgspec.Struct, frozen=True, kw_only=True, tag="beam"):
                  "must be in [-10, 10]")
 
 
-StrategyParams = Union[Contrastive, BeamSearch]
+StrategyParams = Union[Greedy, Sampling, Contrastive, BeamSearch]

@@ -8,23 +8,11 @@ mapping needs (the offending field for INVALID_ARGUMENT) and nothing else.
 from __future__ import annotations
 
 
-class InvalidArgument(ValueError):
-    """A request field has a value the engine will not accept.
+# One type for every validation error, engine and decoding alike: decoding/ defines it
+# (it may not import the engine) and the engine re-exports it.
+from decoding.base import InvalidArgument  # noqa: E402
 
-    Attributes:
-        field: Name of the offending field, as spelled in the request (e.g. "top_p").
-        reason: Human-readable rule that the value broke (e.g. "must be in (0, 1]").
-    """
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-    def __reduce__(self):
-        # The default reduce replays `args` (the joined message) into `__init__`, which takes
-        # two arguments; without this the error cannot cross a process boundary.
-        return (type(self), (self.field, self.reason))
+__all__ = ["Cancelled", "InvalidArgument", "ResourceExhausted"]
 
 
 class ResourceExhausted(RuntimeError):

@@ -24,10 +24,6 @@ from engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-CAPTURE_FINAL_HIDDEN = "final_hidden"
-"""Capture name of the LM-head input (final-norm hidden state) of a sampled row."""
-CAPTURE_PROMPT_HIDDEN = "final_hidden:all"
-"""Capture name of the LM-head inputs of every token a request computes (prompt chunks)."""
 
 
 class ModelRunnerOutput(msgspec.Struct, kw_only=True):
@@ -36,10 +32,10 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
     logits: torch.Tensor
     """[num_sampled, vocab_size] float32."""
     captures: dict[str, dict[str, torch.Tensor]]
-    """req_id -> capture name -> [hidden_size] tensor, for requests that asked."""
+    """req_id -> `Capture.name` -> [hidden_size] tensor, for requests that asked."""
     hidden_chunks: dict[str, tuple[int, torch.Tensor]] = {}
     """req_id -> (first position, [num_tokens, hidden_size]) LM-head inputs of every token
-    computed this step, for requests that capture CAPTURE_PROMPT_HIDDEN."""
+    computed this step, for requests that capture the final hidden state at all positions."""
 
 
 class ModelRunner:
@@ -155,7 +151,7 @@ class ModelRunner:
         """(item, first row) of the items that capture every computed token's hidden state."""
         q_start = 0
         for item in items:
-            if CAPTURE_PROMPT_HIDDEN in item.request.captures:
+            if any(c.all_positions for c in item.request.captures):
                 yield item, q_start
             q_start += item.num_new_tokens
 
@@ -273,9 +269,9 @@ class ModelRunner:
         num_layers = self.config.num_hidden_layers
         layers = set()
         for item in sampled:
-            for name in item.request.captures:
-                if name.startswith("ffn_input:"):
-                    layers.add(int(name.split(":", 1)[1]) % num_layers)
+            for capture in item.request.captures:
+                if capture.kind == "ffn_input":
+                    layers.add(capture.layer % num_layers)
         return frozenset(layers)
 
     def _gather_captures(self, sampled, rows, sampled_hidden, layer_caps):
@@ -286,14 +282,14 @@ class ModelRunner:
             if not req.captures:
                 continue
             out = {}
-            for name in req.captures:
-                if name == CAPTURE_PROMPT_HIDDEN:
+            for capture in req.captures:
+                if capture.all_positions:
                     continue
-                if name == CAPTURE_FINAL_HIDDEN:
-                    out[name] = sampled_hidden[i].float().clone()
+                if capture.kind == "final_hidden":
+                    out[capture.name] = sampled_hidden[i].float().clone()
                 else:
-                    layer = int(name.split(":", 1)[1]) % num_layers
-                    out[name] = layer_caps[f"ffn_input:{layer}"][rows[i]].float().clone()
+                    layer = capture.layer % num_layers
+                    out[capture.name] = layer_caps[f"ffn_input:{layer}"][rows[i]].float().clone()
             captures[req.req_id] = out
         return captures
 

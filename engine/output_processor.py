@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.messages import Candidate, CompletionOutput, RequestOutput, TokenLogprob
-from engine.request import Request, RequestStatus
+from engine.generation import Generation
+from engine.request import RequestStatus
 from engine.tokenizer import Tokenizer
 
 
@@ -24,7 +25,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._states: dict[str, _RequestState] = {}
 
-    def add(self, req: Request) -> None:
+    def add(self, req: Generation) -> None:
         params = req.params
         detok = IncrementalDetokenizer(
             self.tokenizer.hf, req.prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
@@ -33,7 +34,7 @@ class OutputProcessor:
             detok.add_token(token_id)
         self._states[req.req_id] = _RequestState(detok)
 
-    def check_stop(self, req: Request, max_model_len: int) -> RequestStatus | None:
+    def check_stop(self, req: Generation, max_model_len: int) -> RequestStatus | None:
         """Decides whether the token just appended ends `req` (and detokenizes it)."""
         state = self._states[req.req_id]
         token_id = req.all_token_ids[-1]
@@ -54,7 +55,7 @@ class OutputProcessor:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def emit(self, req: Request, new_token_ids: list[int], logprob: TokenLogprob | None,
+    def emit(self, req: Generation, new_token_ids: list[int], logprob: TokenLogprob | None,
              captures: dict | None) -> RequestOutput:
         state = self._states[req.req_id]
         if logprob is not None:
@@ -76,23 +77,22 @@ class OutputProcessor:
             num_forward_tokens=req.num_forward_tokens,
             queue_time=None if req.first_scheduled_time is None
             else req.first_scheduled_time - req.arrival_time,
-            candidates=_candidates(req) if finished else None)
+            candidates=self._candidates(req) if finished else None)
 
-    def finish(self, req: Request) -> RequestOutput:
+    def finish(self, req: Generation) -> RequestOutput:
         """The final delta of a request that ended outside a step (abort)."""
         return self.emit(req, [], None, None)
 
-    def completion(self, index: int, req: Request) -> CompletionOutput:
+    def completion(self, index: int, req: Generation) -> CompletionOutput:
         """The whole output of a finished request (offline API)."""
         return CompletionOutput(
             index=index, req_id=req.req_id, prompt_token_ids=req.prompt_token_ids,
             token_ids=req.output_token_ids, text=req.output_text,
             finish_reason=req.status.value, logprobs=req.logprobs,
-            num_cached_tokens=req.num_cached_tokens, candidates=_candidates(req))
+            num_cached_tokens=req.num_cached_tokens, candidates=self._candidates(req))
 
-
-def _candidates(req: Request) -> list[Candidate] | None:
-    if req.candidates is None:
-        return None
-    return [Candidate(token_ids=list(t), text=text, score=score)
-            for t, text, score in req.candidates]
+    def _candidates(self, req: Generation) -> list[Candidate] | None:
+        if req.candidates is None:
+            return None
+        return [Candidate(token_ids=list(t), text=self.tokenizer.decode(t), score=score)
+                for t, score in req.candidates]

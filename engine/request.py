@@ -1,14 +1,14 @@
-"""Request: one sequence scheduled by the engine (a branch of a generation)."""
+"""Request: one sequence the scheduler runs (a branch of a `engine.generation.Generation`)."""
 
 from __future__ import annotations
 
 import enum
-import time
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engine.sampling_params import SamplingParams
+    from decoding.base import Capture
+    from engine.generation import Generation
+    from engine.prompt import PromptLayout
 
 
 class RequestStatus(enum.Enum):
@@ -24,51 +24,51 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    """Token state of one sequence.
+    """Token state of one scheduled sequence.
 
     `all_token_ids` is prompt + generated tokens; `num_computed_tokens` of them have K/V in the
     cache. The scheduler only ever reasons about these two counts: prefill, chunked prefill,
-    prefix hits and recompute after preemption are all "compute the next tokens".
+    prefix hits and recompute after preemption are all "compute the next tokens". What the
+    client sees (emitted tokens, text, stop criteria, candidates) lives on the generation.
     """
 
-    def __init__(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 seed: int, eos_token_ids: tuple[int, ...] = (),
-                 captures: frozenset[str] = frozenset(), extra_key=None) -> None:
+    __slots__ = ("req_id", "generation", "branch", "prompt_token_ids", "all_token_ids",
+                 "num_prompt_tokens", "seed", "captures", "extra_key", "layout",
+                 "no_prefix_cache", "num_computed_tokens", "num_cached_tokens",
+                 "num_preemptions", "num_forward_tokens", "status", "first_scheduled_time")
+
+    def __init__(self, req_id: str, prompt_token_ids: list[int], *, generation: Generation,
+                 branch: int = 0, seed: int = 0, captures: frozenset[Capture] = frozenset(),
+                 extra_key=None, layout: PromptLayout | None = None,
+                 no_prefix_cache: bool = False) -> None:
         self.req_id = req_id
+        self.generation = generation
+        """The generation this sequence is a branch of (the scheduler keeps siblings
+        together; it treats it as an opaque key)."""
+        self.branch = branch
         self.prompt_token_ids = list(prompt_token_ids)
-        self.params = params
+        self.all_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
         self.seed = seed
-        self.eos_token_ids = eos_token_ids
+        """The random stream of this branch (sampling rows)."""
         self.captures = captures
+        """Activations the model runner returns for this sequence's sampled rows."""
         self.extra_key = extra_key
         """Hashed into every prefix-cache block (prompts with equal tokens but different
         structure must not share KV)."""
-        self.all_token_ids = list(prompt_token_ids)
-        self.num_prompt_tokens = len(prompt_token_ids)
+        self.layout = layout
+        """PromptLayout of a structured prompt (position ids and set membership per prompt
+        token); None for a sequential prompt."""
+        self.no_prefix_cache = no_prefix_cache
+        """Compute every prompt token (a strategy needs the hidden states of all of them)."""
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
         self.num_preemptions = 0
-        self.status = RequestStatus.WAITING
-        self.arrival_time = time.monotonic()
-        self.first_scheduled_time: float | None = None
-        """When a step first ran this request (the end of its queueing time)."""
-        self.layout = None
-        """PromptLayout of a structured prompt (position ids and set membership per prompt
-        token); None for a sequential prompt."""
-        self.no_prefix_cache = False
-        """Compute every prompt token (a strategy needs the hidden states of all of them)."""
-        self.generation = None
-        """The strategy generation this request is a branch of (None: a plain request)."""
-        self.branch = 0
-        self.candidates = None
-        """Finished sequences a strategy returned: list of (token_ids, text, score)."""
         self.num_forward_tokens = 0
-        """Tokens the model ran forward for this request, recomputes included (its cost)."""
-        self.detokenizer = None
-        self.stop_reason: int | str | None = None
-        self.output_text = ""
-        """Set when the request finishes (the streamed deltas carry it before that)."""
-        self.logprobs = None
+        """Tokens the model ran forward for this sequence, recomputes included (its cost)."""
+        self.status = RequestStatus.WAITING
+        self.first_scheduled_time: float | None = None
+        """When a step first ran this sequence (None: not yet)."""
 
     @property
     def num_tokens(self) -> int:
@@ -106,6 +106,20 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+
+    def fork(self, child_id: str, branch: int, seed: int,
+             generation: Generation | None = None) -> Request:
+        """A copy with this sequence's tokens and computed count (its KV is shared by the
+        cache manager's fork), a branch of `generation` (default: this one's); it drops the
+        capture of every prompt position."""
+        child = Request(child_id, self.prompt_token_ids,
+                        generation=generation or self.generation,
+                        branch=branch, seed=seed,
+                        captures=frozenset(c for c in self.captures if not c.all_positions),
+                        extra_key=self.extra_key, layout=self.layout)
+        child.all_token_ids = list(self.all_token_ids)
+        child.num_computed_tokens = self.num_computed_tokens
+        return child
 
     def __repr__(self) -> str:
         return (f"Request({self.req_id!r}, tokens={self.num_tokens}, "

@@ -6,19 +6,33 @@ import math
 
 import msgspec
 
-from decoding.params import BeamSearch, Contrastive
-from engine.errors import InvalidArgument
+from decoding import registry
+from decoding.base import InvalidArgument
 
 MAX_LOGPROBS = 20
 """Most alternatives a request may ask for per token (the OpenAI API's limit)."""
 MAX_LOGIT_BIAS = 100.0
 """Largest |bias| accepted; as in the OpenAI API, +-100 already bans or forces a token."""
 _PENALTY_RANGE = (-2.0, 2.0)
+_GREEDY = registry.entry("greedy").params_type()
 
 
 def _require(ok: bool, field: str, reason: str) -> None:
     if not ok:
         raise InvalidArgument(field, reason)
+
+
+def _registered_name(params, kind: str, field: str) -> str | None:
+    """The registry name of a strategy / transform params value (None for None)."""
+    if params is None:
+        return None
+    try:
+        found = registry.entry(params)
+    except KeyError:
+        raise InvalidArgument(field, f"{type(params).__name__} is not a registered "
+                              f"{kind}") from None
+    _require(found.kind == kind, field, f"{found.name!r} is a {found.kind}, not a {kind}")
+    return found.name
 
 
 def _is_finite(x: float) -> bool:
@@ -70,11 +84,17 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     alternatives, all from the raw (unprocessed) model distribution."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
-    strategy: Contrastive | BeamSearch | None = None
-    """A decoding strategy from `decoding.params` instead of greedy / sampling (temperature,
-    top_k, top_p, min_p and seed are then unused and must keep their defaults)."""
+    strategy: object | None = None
+    """The params Struct of a registered selection strategy (`decoding.registry`), e.g.
+    `decoding.params.BeamSearch(...)`, instead of greedy / sampling (temperature, top_k, top_p,
+    min_p and seed are then unused and must keep their defaults). `Greedy()` and
+    `Sampling(...)` are accepted and folded into the flat fields above."""
+    transforms: tuple = ()
+    """Params Structs of registered plug-in transforms (kNN-LM, constraint masks, ...), applied
+    after the penalties in the chain order their classes declare; at most one per kind."""
 
     def __post_init__(self) -> None:
+        self._fold_strategy()
         self._validate_lengths()
         self._validate_filters()
         self._validate_penalties()
@@ -84,10 +104,32 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
                  f"must be in [0, {MAX_LOGPROBS}]")
         if self.strategy is not None:
             self._validate_strategy()
+        self._validate_transforms()
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def selection(self):
+        """The selection strategy's params: `strategy`, else `Greedy()` / `Sampling(...)`."""
+        if self.strategy is not None:
+            return self.strategy
+        if self.temperature == 0:
+            return _GREEDY
+        return registry.entry("sampling").params_type(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            min_p=self.min_p, seed=self.seed)
+
+    def _fold_strategy(self) -> None:
+        """`strategy=Greedy()` / `Sampling(...)` become the flat fields (one canonical form)."""
+        name = _registered_name(self.strategy, "strategy", "strategy")
+        if name not in ("greedy", "sampling"):
+            return
+        flat = {"temperature": 0.0} if name == "greedy" else msgspec.structs.asdict(self.strategy)
+        for field, value in flat.items():
+            msgspec.structs.force_setattr(self, field, value)
+        msgspec.structs.force_setattr(self, "strategy", None)
 
     def validate_for_vocab(self, vocab_size: int) -> None:
         """Check token ids against the model's vocabulary (unknown at construction).
@@ -100,13 +142,20 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         _require(all(t < vocab_size for t in self.stop_token_ids), "stop_token_ids", rule)
 
     def _validate_strategy(self) -> None:
-        name = type(self.strategy).__struct_config__.tag
+        name = registry.entry(self.strategy).name
         for field, default in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("seed", None)):
             _require(getattr(self, field) == default, field, f"is a sampling setting; the "
                      f"{name} strategy does not use it")
         _require(self.logprobs is None, "logprobs", f"not available with the {name} strategy")
-        if isinstance(self.strategy, BeamSearch):
-            _require(not self.stop, "stop", "stop strings are not available with beam search")
+        if not registry.entry(self.strategy).cls.streams_output:
+            _require(not self.stop, "stop", f"stop strings are not available with the {name} "
+                     f"strategy (it returns whole candidates)")
+
+    def _validate_transforms(self) -> None:
+        kinds = [_registered_name(t, "transform", "transforms") for t in self.transforms]
+        _require(len(set(kinds)) == len(kinds), "transforms", "each transform at most once")
+        builtin = [k for k in kinds if getattr(registry.entry(k).cls, "builtin", False)]
+        _require(not builtin, "transforms", f"{builtin[:1]} is set by its own fields")
 
     def _validate_lengths(self) -> None:
         _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")

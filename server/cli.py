@@ -197,7 +197,6 @@ def make_sampling_params(args):
 
 
 def _generate(args) -> int:
-    from decoding.params import ParamsError
     from engine.engine import Engine
     from engine.errors import InvalidArgument
 
@@ -210,7 +209,7 @@ def _generate(args) -> int:
             prompts = [engine.tokenizer.apply_chat_template(p) if isinstance(p, str) else p
                        for p in prompts]
         results = engine.generate(prompts, params)
-    except (InvalidArgument, ParamsError) as exc:
+    except InvalidArgument as exc:
         print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
         return 2
     for out in results:

@@ -12,7 +12,7 @@ import math
 import msgspec
 
 from engine.errors import InvalidArgument
-from decoding.params import BeamSearch, Contrastive, ParamsError
+from decoding.params import BeamSearch, Contrastive
 from engine.messages import RequestOutput, TokenLogprob
 from engine.prompt import Parallel, StructuredPrompt
 from engine.prompt import layout as prompt_layout
@@ -183,7 +183,7 @@ def _strategy(decoding: pb.DecodingStrategy):
             return BeamSearch(num_beams=b.num_beams or 4, length_penalty=b.length_penalty
                               if b.HasField("length_penalty") else 1.0,
                               early_stopping=b.early_stopping, num_return=b.num_return or 1)
-    except ParamsError as exc:
+    except InvalidArgument as exc:
         raise InvalidArgument(f"decoding.{kind}.{exc.field}", exc.reason) from None
     return None
 

@@ -12,7 +12,6 @@ from engine.config import SchedulerConfig
 from engine.errors import ResourceExhausted
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
 BLOCK_SIZE = 4
@@ -25,7 +24,7 @@ def make_scheduler(num_blocks=64, prefix=False, **cfg) -> Scheduler:
 
 def make_request(req_id: str, num_prompt_tokens: int, first_token: int = 1) -> Request:
     return Request(req_id, list(range(first_token, first_token + num_prompt_tokens)),
-                   SamplingParams(max_new_tokens=64), seed=0)
+                   generation=req_id)
 
 
 def run_step(sched: Scheduler) -> dict[str, int]:
@@ -142,8 +141,7 @@ def test_set_prompt_on_state_slots_gets_its_whole_first_chunk_reserved():
     assert run_step(sched) == {"d0": 1, "d1": 1, "d2": 1}
     prompt = StructuredPrompt(segments=[[5], Parallel(members=[[6, 7], [8, 9, 10]]), [11]])
     lay = layout(prompt, lambda text, special: [])
-    structured = Request("s", lay.token_ids, SamplingParams(max_new_tokens=4), seed=0)
-    structured.layout = lay
+    structured = Request("s", lay.token_ids, generation="s", layout=lay)
     assert lay.member_span[1] == 6
     sched.add_request(structured)
     sched.add_request(make_request("late", 1))

@@ -39,7 +39,7 @@ from torch import nn
 from decoding.params import Contrastive
 from engine.engine import Engine
 from engine.models.gpt2 import GPT2Config
-from engine.sampler import random_exponentials
+from decoding.sampling import random_exponentials
 from engine.sampling_params import SamplingParams
 from tests.decoding.test_beam_search import _check as check_beam
 from tests.decoding.test_beam_search import beam_params as beam_params_for

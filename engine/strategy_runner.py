@@ -1,0 +1,269 @@
+"""The decoding pipeline of one step: transforms, then one selection strategy per generation.
+
+Every sampled row of the step (whatever its strategy) is one row of a single `SamplingBatch`;
+the registered transforms run over it in chain order, each once for all rows that use it. Then
+the batchable strategies (greedy, sampling) choose for all of their rows at once and their
+tokens are appended and emitted; every other generation whose branches have all reported sees a
+`StepView` and answers a `StepDecision`, applied here in its documented order. Every effect on
+memory or output goes through the `StrategyPort` (engine/ports.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from decoding.base import Capture, SamplingBatch, SamplingRow, StepDecision, StepView
+from engine.errors import ResourceExhausted
+from engine.generation import Generation
+from engine.messages import RequestOutput, TokenLogprob
+from engine.ports import StrategyPort
+from engine.request import Request, RequestStatus
+from engine.sampler import Sampler, select
+
+CAPTURE_FINAL_HIDDEN = Capture("final_hidden")
+"""The LM-head input (final-norm hidden state) of a sampled row."""
+CAPTURE_PROMPT_HIDDEN = Capture("final_hidden", all_positions=True)
+"""The LM-head inputs of every token a sequence computes (prompt chunks)."""
+
+
+class StrategyRunner:
+    """All live generations of an engine and the pipeline that advances them."""
+
+    def __init__(self, port: StrategyPort, vocab_size: int, sampler: Sampler | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.port = port
+        self.vocab_size = vocab_size
+        self.sampler = sampler or Sampler()
+        self.device = device
+        self.by_id: dict[str, Generation] = {}
+        self._plugin_captures = frozenset(c for t in self.sampler.transforms
+                                          for c in t.captures)
+
+    # ---- generations -------------------------------------------------------------------------
+
+    def add(self, gen: Generation) -> None:
+        """Starts a generation: its prompt's branch (0) is queued through the port."""
+        strategy = gen.strategy
+        captures = set(gen.captures) | self._plugin_captures
+        if strategy.needs_hidden:
+            captures.add(CAPTURE_FINAL_HIDDEN)
+        if strategy.needs_prompt_hidden:
+            captures.add(CAPTURE_PROMPT_HIDDEN)
+        root = Request(gen.req_id, gen.prompt_token_ids, generation=gen, branch=0,
+                       seed=gen.seed, captures=frozenset(captures), extra_key=gen.extra_key,
+                       layout=gen.layout, no_prefix_cache=strategy.needs_prompt_hidden)
+        gen.branches[0] = root
+        self.port.add(gen, root)
+        self.by_id[gen.req_id] = gen
+
+    def add_forked(self, gen: Generation, parent: Request, seed: int) -> None:
+        """Starts a generation whose prompt branch is a fork of another generation's sequence
+        (it continues from every token the parent has)."""
+        gen.branches[0] = self.port.fork(parent, gen.req_id, 0, seed, keep=set(),
+                                         generation=gen)
+        self.port.add(gen, None)
+        self.by_id[gen.req_id] = gen
+
+    def abort(self, req_id: str) -> RequestOutput | None:
+        gen = self.by_id.get(req_id)
+        if gen is None:
+            return None
+        self._end(gen, RequestStatus.FINISHED_ABORTED)
+        return self.port.abort_output(gen)
+
+    def collect_prompt_hidden(self, chunks: dict[str, tuple[int, torch.Tensor]],
+                              requests: dict[str, Request]) -> None:
+        """Keeps the prompt hidden states of branches that asked (a restart at 0 resets)."""
+        for req_id, (start, hidden) in chunks.items():
+            gen = requests[req_id].generation
+            if start == 0:
+                gen.prompt_hidden.clear()
+            gen.prompt_hidden.append(hidden)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def step(self, rows: list[Request], logits: torch.Tensor,
+             captures: dict[str, dict[str, torch.Tensor]]) -> list[RequestOutput]:
+        """Runs the pipeline over this step's sampled rows (`logits[i]` is `rows[i]`'s)."""
+        batch = SamplingBatch.build(
+            [SamplingRow(params=r.generation.params, prompt_token_ids=r.prompt_token_ids,
+                         output_token_ids=r.output_token_ids, seed=r.seed,
+                         eos_token_ids=r.generation.eos_token_ids,
+                         captures=captures.get(r.req_id)) for r in rows],
+            self.vocab_size, logits.device)
+        raw_logprobs = None
+        if batch.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        log_first = [r.generation.strategy.log_softmax_first for r in rows]
+        if any(log_first):
+            mask = torch.tensor(log_first, device=logits.device)[:, None]
+            logits = torch.where(mask, logits.log_softmax(dim=-1), logits)
+        processed = self.sampler.process(logits, batch)
+        batchable = [i for i, r in enumerate(rows) if r.generation.strategy.batchable]
+        outputs = self._select(rows, batchable, processed, batch, raw_logprobs, captures)
+        if len(batchable) < len(rows):
+            outputs += self._run_strategies(rows, processed, captures)
+        return outputs
+
+    def _select(self, rows: list[Request], index: list[int], processed: torch.Tensor,
+                batch: SamplingBatch, raw_logprobs: torch.Tensor | None,
+                captures: dict) -> list[RequestOutput]:
+        """Greedy / sampling: one vectorised call per strategy for all its rows."""
+        if not index:
+            return []
+        token_ids = select(processed, batch, [type(rows[i].generation.strategy)
+                                              for i in index], index).tolist()
+        logprobs = _logprobs(rows, index, token_ids, raw_logprobs, batch.max_num_logprobs)
+        outputs = []
+        for j, i in enumerate(index):
+            seq, token = rows[i], token_ids[j]
+            gen = seq.generation
+            seq.append_token(token)
+            gen.append_token(token)
+            status = self.port.check_stop(gen)
+            if status is not None:
+                self._end(gen, status)
+            else:
+                gen.sync_stats()
+            client = captures.get(seq.req_id) if gen.captures else None
+            outputs.append(self.port.emit(gen, [token], logprobs[j], client))
+        return outputs
+
+    def _run_strategies(self, rows: list[Request], processed: torch.Tensor,
+                        captures: dict) -> list[RequestOutput]:
+        touched: dict[str, Generation] = {}
+        for i, seq in enumerate(rows):
+            gen = seq.generation
+            if gen.strategy.batchable:
+                continue
+            hidden = captures[seq.req_id][CAPTURE_FINAL_HIDDEN.name] \
+                if gen.strategy.needs_hidden else None
+            gen.ready[seq.branch] = (processed[i].float(), hidden)
+            touched[gen.req_id] = gen
+        outputs = []
+        for gen in touched.values():
+            # A ready branch may have been preempted since (its KV is gone): it recomputes
+            # and reports again.
+            gen.ready = {b: v for b, v in gen.ready.items()
+                         if gen.branches[b].num_computed_tokens == gen.branches[b].num_tokens}
+            if len(gen.ready) < len(gen.branches):
+                continue
+            out = self._apply(gen, gen.strategy.step(self._view(gen)))
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _view(self, gen: Generation) -> StepView:
+        """The view of every branch (all ready), in branch order; clears `gen.ready`."""
+        params, ready = gen.params, gen.ready
+        branch_ids = sorted(ready)
+        seqs = [gen.branches[b] for b in branch_ids]
+        logits = torch.stack([ready[b][0] for b in branch_ids])
+        hidden = torch.stack([ready[b][1] for b in branch_ids]) \
+            if gen.strategy.needs_hidden else None
+        gen.ready = {}
+        prompt_hidden = None
+        if gen.prompt_hidden and 0 in gen.branches:
+            prompt_hidden = torch.cat(gen.prompt_hidden).float()
+            gen.prompt_hidden = []
+            # Handed over once: the prompt branch may live on as a candidate branch.
+            root = gen.branches[0]
+            root.captures = root.captures - {CAPTURE_PROMPT_HIDDEN}
+            root.no_prefix_cache = False
+        return StepView(branch_ids=branch_ids, logits=logits, hidden=hidden,
+                        prompt_hidden=prompt_hidden,
+                        output_token_ids=[s.output_token_ids for s in seqs],
+                        eos_token_ids=gen.eos_token_ids,
+                        max_new_tokens=params.max_new_tokens,
+                        min_new_tokens=params.min_new_tokens, ignore_eos=params.ignore_eos)
+
+    # ---- applying a decision -------------------------------------------------------------------
+
+    def _apply(self, gen: Generation, decision: StepDecision) -> RequestOutput | None:
+        if decision.finished:  # every branch is freed with the request
+            return self._finish_with_candidates(gen, decision.candidates or [])
+        # Emitted tokens first: when one of them ends the request, its forks would only
+        # take blocks (and preempt other requests for them) to be freed at once.
+        status, emitted = self._append_emitted(gen, decision.emit)
+        if status is not None:
+            self._end(gen, status)
+            return self.port.emit(gen, emitted, None, None)
+        try:
+            self._apply_branches(gen, decision)
+        except ResourceExhausted:  # no block to fork into: this request ends, not the engine
+            self._end(gen, RequestStatus.FINISHED_ABORTED)
+            return self.port.emit(gen, emitted, None, None)
+        if not decision.emit:
+            assert gen.branches, "a strategy freed every branch without finishing"
+            return None
+        gen.sync_stats()
+        return self.port.emit(gen, emitted, None, None)
+
+    def _append_emitted(self, gen: Generation, tokens: list[int]):
+        """Appends `tokens` to the generation up to the first that stops it."""
+        status, emitted = None, []
+        for token in tokens:
+            gen.append_token(token)
+            emitted.append(token)
+            status = self.port.check_stop(gen)
+            if status is not None:
+                break
+        return status, emitted
+
+    def _apply_branches(self, gen: Generation, decision: StepDecision) -> None:
+        # Branches no fork reads are freed first: their KV makes room for the forks.
+        parents = {fork.parent for fork in decision.forks}
+        for branch in decision.frees:
+            if branch not in parents:
+                self.port.free(gen.release(branch))
+        for fork in decision.forks:
+            parent = gen.branches[fork.parent]
+            child = self.port.fork(parent, gen.sequence_id(fork.child), fork.child,
+                                   parent.seed, keep=set(gen.branches.values()))
+            child.append_token(fork.token)
+            gen.branches[fork.child] = child
+        for branch, token in decision.appends:
+            gen.branches[branch].append_token(token)
+        for branch in decision.frees:
+            if branch in parents:
+                self.port.free(gen.release(branch))
+
+    def _end(self, gen: Generation, status: RequestStatus) -> None:
+        """Frees every branch; the generation takes `status`."""
+        gen.sync_stats()
+        for branch in list(gen.branches):
+            self.port.free(gen.release(branch))
+        gen.status = status
+        del self.by_id[gen.req_id]
+
+    def _finish_with_candidates(self, gen: Generation, candidates) -> RequestOutput:
+        best = candidates[0].token_ids if candidates else []
+        status = RequestStatus.FINISHED_LENGTH
+        for token in best:
+            gen.append_token(token)
+            status = self.port.check_stop(gen) or status
+        gen.candidates = [(c.token_ids, c.score) for c in candidates]
+        self._end(gen, status)
+        return self.port.emit(gen, best, None, None)
+
+
+def _logprobs(rows: list[Request], index: list[int], token_ids: list[int],
+              raw_logprobs: torch.Tensor | None, max_num: int | None
+              ) -> list[TokenLogprob | None]:
+    """Per selected row: the chosen token's logprob and the top-n, from the raw logits."""
+    if raw_logprobs is None or max_num is None:
+        return [None] * len(index)
+    rows_t = torch.tensor(index, dtype=torch.int64, device=raw_logprobs.device)
+    raw = raw_logprobs[rows_t]
+    chosen = raw.gather(1, torch.tensor(token_ids, device=raw.device)[:, None])[:, 0].tolist()
+    top_vals, top_ids = raw.topk(max_num, dim=-1)  # sorted, descending
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    out: list[TokenLogprob | None] = []
+    for j, i in enumerate(index):
+        n = rows[i].generation.params.logprobs
+        if n is None:
+            out.append(None)
+            continue
+        top = list(zip(top_ids[j][:n], top_vals[j][:n])) if n else []
+        out.append(TokenLogprob(token_id=token_ids[j], logprob=chosen[j], top=top))
+    return out
