@@ -78,6 +78,12 @@ def register_transform(params_type: type):
     return _register(params_type, "transform", Transform)
 
 
+def unregister(name: str) -> None:
+    """Removes a plug-in (tests that register one for their own duration)."""
+    found = _ENTRIES.pop(name)
+    del _BY_PARAMS[found.params_type]
+
+
 def entry(name_or_params: str | Any) -> Entry:
     """The entry of a plug-in name or params value; KeyError names what is registered."""
     if isinstance(name_or_params, str):

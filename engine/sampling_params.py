@@ -143,10 +143,14 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
 
     def _validate_strategy(self) -> None:
         name = registry.entry(self.strategy).name
-        for field, default in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0), ("seed", None)):
+        batchable = registry.entry(self.strategy).cls.batchable  # seeded per-row choice
+        fields = (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)) + (
+            () if batchable else (("seed", None),))
+        for field, default in fields:
             _require(getattr(self, field) == default, field, f"is a sampling setting; the "
                      f"{name} strategy does not use it")
-        _require(self.logprobs is None, "logprobs", f"not available with the {name} strategy")
+        _require(self.logprobs is None or batchable, "logprobs",
+                 f"not available with the {name} strategy")
         if not registry.entry(self.strategy).cls.streams_output:
             _require(not self.stop, "stop", f"stop strings are not available with the {name} "
                      f"strategy (it returns whole candidates)")
