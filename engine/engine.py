@@ -13,10 +13,11 @@ from collections.abc import Sequence
 import torch
 
 from decoding.base import Capture
+from engine.cache_manager import create_cache_manager
 from engine.config import EngineConfig
 from engine.errors import InvalidArgument
 from engine.generation import Generation
-from engine.kv_cache_manager import KVCacheManager
+from engine.loaded_model import load_model
 from engine.messages import CompletionOutput, RequestOutput
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor
@@ -25,7 +26,6 @@ from engine.prompt import StructuredPrompt
 from engine.prompt import layout as prompt_layout
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.state_cache_manager import StateCacheManager
 from engine.strategy_runner import StrategyRunner
 from engine.tokenizer import Tokenizer
 
@@ -41,18 +41,17 @@ class Engine:
         self.config = config = config or EngineConfig()
         if config.model.num_threads:
             torch.set_num_threads(config.model.num_threads)
-        self.runner = ModelRunner(config.model, config.cache)
-        self.tokenizer = Tokenizer(self.runner.model_dir)
-        self.vocab_size = self.runner.config.vocab_size
-        max_positions = self.runner.config.max_position_embeddings
+        self.loaded = load_model(config.model)
+        self.runner = ModelRunner(self.loaded, config.cache, config.model.attention_backend)
+        self.tokenizer = Tokenizer(self.loaded.model_dir)
+        self.vocab_size = self.loaded.vocab_size
+        max_positions = self.loaded.max_position_embeddings
         self.max_model_len = config.model.max_model_len or max_positions
         if self.max_model_len > max_positions:
             raise ValueError(f"max_model_len={self.max_model_len}: the model has position "
                              f"embeddings for {max_positions} tokens")
-        self.kv_cache = (StateCacheManager(self.runner.num_blocks)
-                         if self.runner.uses_state_slots else
-                         KVCacheManager(self.runner.num_blocks, config.cache.block_size,
-                                        config.cache.enable_prefix_caching))
+        self.kv_cache = create_cache_manager(self.loaded.memory, self.runner.num_blocks,
+                                             config.cache)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.outputs = OutputProcessor(self.tokenizer)
         self.port = EnginePort(self.scheduler, self.outputs, self.max_model_len)
@@ -119,7 +118,7 @@ class Engine:
             raise InvalidArgument(
                 "max_new_tokens", f"prompt + max_new_tokens ({max_tokens} tokens) exceeds "
                 f"max_num_batched_tokens={sched.max_num_batched_tokens} with chunked prefill off")
-        num_layers = self.runner.config.num_hidden_layers
+        num_layers = self.loaded.num_hidden_layers
         for capture in gen.captures:
             if capture.layer is not None and not -num_layers <= capture.layer < num_layers:
                 raise InvalidArgument("captures", f"{capture.name}: the model has "

@@ -1,4 +1,4 @@
-"""The KV-cache facade the scheduler calls: prefix lookup, slot allocation, fork and free.
+"""Paged KV behind the `CacheManager` facade: prefix lookup, slot allocation, fork and free.
 
 `KVCacheManager` maps sequence ids to block tables and decides how many blocks each sequence
 needs; `BlockPool` does the bookkeeping of the blocks themselves. The manager speaks in tokens

@@ -1,29 +1,25 @@
 """Model runner: turns a SchedulerOutput into one flat forward pass.
 
-It owns the model and the KV cache tensors. Per step it builds `input_ids`, `positions`,
-`slot_mapping` and the attention metadata once (shared by every layer), runs the model, and
-returns float32 logits only for the rows that are sampled, plus any activations that those
-requests asked to capture.
+It runs a `LoadedModel` and owns its KV cache (or state pool) tensors. Per step it builds
+`input_ids`, `positions`, `slot_mapping` and the attention metadata once (shared by every
+layer), runs the model, and returns float32 logits only for the rows that are sampled, plus any
+activations that those requests asked to capture. The model's memory kind is looked at once, in
+the constructor: it picks how the cache is sized, allocated, copied and addressed.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import msgspec
 import torch
 
 from engine.attention_metadata import AttentionMetadata, PrefillChunk
 from engine.config import CacheConfig, ModelConfig
-from engine.loader import iter_safetensors, load_hf_config, resolve_model_dir
 from engine.kernels import paged_attention
-from engine.layers.packed_linear import can_prepack, prepack_linears
-from engine.layers.quantize import quantize_linears
-from engine.models import resolve_architecture
+from engine.loaded_model import LoadedModel, load_model
 from engine.scheduler_output import ScheduledRequest, SchedulerOutput
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 
 class ModelRunnerOutput(msgspec.Struct, kw_only=True):
@@ -39,71 +35,59 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
 
 
 class ModelRunner:
-    """Loads the model and owns the per-layer KV cache tensors.
+    """Runs a `LoadedModel` and owns its per-layer cache tensors.
 
-    The KV cache of each layer is `[num_blocks + 1, block_size, num_kv_heads, head_dim]` for K
-    and for V; block ids come from the KVCacheManager, which never hands out the last (null)
-    block.
+    Paged KV models: each layer's cache is `[num_blocks + 1, block_size, num_kv_heads,
+    head_dim]` for K and for V; block ids come from the KVCacheManager, which never hands out
+    the last (null) block. State-slot models: each layer's state pool is `[num_blocks,
+    *state_shape]` float32, one slot per sequence (block ids are slot ids).
     """
 
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig) -> None:
-        self.model_dir = resolve_model_dir(model_config.model)
-        self.hf_config = load_hf_config(self.model_dir)
-        model_cls, config_cls = resolve_architecture(self.hf_config)
-        self.config = config_cls.from_hf(self.hf_config, model_config)
-        if not hasattr(self.config, "norm_scheme") and (
-                model_config.norm_scheme not in (None, "pre")
-                or model_config.mix_ln_ratio is not None):
-            raise ValueError(f"norm_scheme={model_config.norm_scheme!r}: only Llama-family "
-                             f"models take a norm scheme ({model_cls.__name__} does not)")
-        self.dtype = _DTYPES[model_config.dtype]
-        with torch.device("meta"):
-            model = model_cls(self.config)
-        # Materialise on the CPU only after construction: no random init of 100M+ weights.
-        model = model.to_empty(device="cpu")
-        model.tie_weights()
-        model.load_weights(iter_safetensors(self.model_dir))
-        self._reset_buffers(model)
-        self.device = torch.device(model_config.resolved_device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        quantize_linears(self.model, model_config.quantization)
-        if model_config.prepack_weights and can_prepack(self.model):
-            # Decode batches are what the packed layout is tuned for.
-            prepack_linears(self.model, batch_hint=32)
-        self.uses_state_slots = getattr(model_cls, "uses_state_slots", False)
-        """Linear-attention model: one whole-sequence state slot per sequence, no KV blocks
-        (block ids are slot ids, `block_size` is meaningless)."""
-        self.block_size = 1 if self.uses_state_slots else cache_config.block_size
-        self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(cache_config)
-        self.kv_caches = (self._allocate_state_pools() if self.uses_state_slots
-                          else self._allocate_kv_cache())
-        self.use_paged_kernel = (model_config.attention_backend != "torch"
-                                 and not self.uses_state_slots
-                                 and self.device.type == "cpu" and paged_attention.is_available())
+    def __init__(self, loaded: LoadedModel | ModelConfig, cache_config: CacheConfig,
+                 attention_backend: str = "auto") -> None:
+        if isinstance(loaded, ModelConfig):
+            loaded, attention_backend = load_model(loaded), loaded.attention_backend
+        self.loaded = loaded
+        if loaded.memory == "state_slots":
+            self._use_state_slots(cache_config)
+        else:
+            self._use_paged_kv(cache_config, attention_backend)
+
+    # ---- memory: the one place the memory kind is looked at ----------------------------------
+
+    def _use_paged_kv(self, cache_config: CacheConfig, attention_backend: str) -> None:
+        self.block_size = cache_config.block_size
+        self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(
+            cache_config, self._kv_bytes_per_block())
+        self.kv_caches = self._allocate_kv_cache()
+        self._cache_tensors = [t for kv in self.kv_caches for t in kv]
+        self._prepare = self._prepare_paged
+        self.use_paged_kernel = (attention_backend != "torch" and self.device.type == "cpu"
+                                 and paged_attention.is_available())
+
+    def _use_state_slots(self, cache_config: CacheConfig) -> None:
+        # Linear attention: one whole-sequence state slot per sequence, no KV blocks
+        # (`block_size` is meaningless, so the facade's arithmetic uses 1).
+        self.block_size = 1
+        self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(
+            cache_config, self._state_bytes_per_slot())
+        self.kv_caches = self._allocate_state_pools()
+        self._cache_tensors = list(self.kv_caches)
+        self._prepare = self._prepare_state
+        self.use_paged_kernel = False
 
     @staticmethod
-    def _reset_buffers(model: torch.nn.Module) -> None:
-        # Non-persistent buffers (RoPE tables) were created on "meta"; rebuild them on the CPU.
-        for module in model.modules():
-            if hasattr(module, "rebuild"):
-                module.rebuild()
+    def _blocks_for_memory(cache_config: CacheConfig, bytes_per_block: int) -> int:
+        return max(1, cache_config.kv_cache_memory_mib * (1 << 20) // bytes_per_block)
 
     def _kv_bytes_per_block(self) -> int:
-        if self.uses_state_slots:  # float32 states of every layer
-            return 4 * sum(math.prod(shape) for shape in self.model.state_shapes())
         cfg = self.config
         elem = torch.finfo(self.dtype).bits // 8
         return (2 * cfg.num_hidden_layers * self.block_size * cfg.num_key_value_heads
                 * cfg.head_dim * elem)
 
-    def _allocate_state_pools(self) -> list[torch.Tensor]:
-        # No spare slot: a state is zeroed or copied before it is read, never padded.
-        with self.device:
-            return [torch.zeros((self.num_blocks, *shape), dtype=torch.float32)
-                    for shape in self.model.state_shapes()]
-
-    def _blocks_for_memory(self, cache_config: CacheConfig) -> int:
-        return max(1, cache_config.kv_cache_memory_mib * (1 << 20) // self._kv_bytes_per_block())
+    def _state_bytes_per_slot(self) -> int:  # float32 states of every layer
+        return 4 * sum(math.prod(shape) for shape in self.model.state_shapes())
 
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config
@@ -112,6 +96,38 @@ class ModelRunner:
         with self.device:
             return [(torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
                     for _ in range(cfg.num_hidden_layers)]
+
+    def _allocate_state_pools(self) -> list[torch.Tensor]:
+        # No spare slot: a state is zeroed or copied before it is read, never padded.
+        with self.device:
+            return [torch.zeros((self.num_blocks, *shape), dtype=torch.float32)
+                    for shape in self.model.state_shapes()]
+
+    # ---- the loaded model, as the runner's attributes ----------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.module
+
+    @property
+    def config(self):
+        return self.loaded.config
+
+    @property
+    def model_dir(self) -> Path:
+        return self.loaded.model_dir
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.loaded.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @property
+    def uses_state_slots(self) -> bool:
+        return self.loaded.memory == "state_slots"
 
     @property
     def null_slot(self) -> int:
@@ -160,16 +176,12 @@ class ModelRunner:
             return
         src = torch.tensor([c[0] for c in copies], dtype=torch.long)
         dst = torch.tensor([c[1] for c in copies], dtype=torch.long)
-        for cache in self._cache_tensors():
+        for cache in self._cache_tensors:
             cache[dst] = cache[src]
 
-    def _cache_tensors(self):
-        for cache in self.kv_caches:
-            yield from ((cache,) if self.uses_state_slots else cache)
-
-    def _prepare(self, items: list[ScheduledRequest]):
-        if self.uses_state_slots:
-            return self._prepare_state(items)
+    def _prepare_paged(self, items: list[ScheduledRequest]):
+        """Inputs of a paged-KV model: every new token's KV slot, and the decode rows' block
+        tables (paged kernel) or context slots (gather path)."""
         bs = self.block_size
         batch = _TokenBatch()
         slots: list[int] = []

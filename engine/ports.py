@@ -14,6 +14,7 @@ from engine.errors import ResourceExhausted
 from engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
+    from engine.cache_manager import CacheManager
     from engine.generation import Generation
     from engine.messages import RequestOutput, TokenLogprob
     from engine.output_processor import OutputProcessor
@@ -54,7 +55,7 @@ class EnginePort:
     def __init__(self, scheduler: Scheduler, outputs: OutputProcessor,
                  max_model_len: int) -> None:
         self.scheduler = scheduler
-        self.kv_cache = scheduler.kv
+        self.kv_cache: CacheManager = scheduler.kv
         self.outputs = outputs
         self.max_model_len = max_model_len
 

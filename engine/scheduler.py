@@ -13,18 +13,18 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from engine.cache_manager import CacheManager
 from engine.config import SchedulerConfig
 from engine.errors import ResourceExhausted
-from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.scheduler_output import ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
     """Owns the waiting and running queues and decides, each step, how many tokens every
-    request computes. Pure Python: it sees KV memory only through the KVCacheManager facade."""
+    request computes. Pure Python: it sees KV memory only through the CacheManager facade."""
 
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: CacheManager) -> None:
         self.config = config
         self.kv = kv_cache_manager
         self.waiting: deque[Request] = deque()

@@ -1,4 +1,4 @@
-"""State slots for linear-attention models, behind the KVCacheManager facade.
+"""State slots for linear-attention models, behind the `CacheManager` facade.
 
 A linear-attention sequence keeps one fixed-size recurrent state per layer instead of a K/V
 row per token, so its whole cache is one slot (vLLM's `MambaSpec` design: one "block" holds a

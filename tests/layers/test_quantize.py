@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from engine.layers.quantize import Int8WeightOnlyLinear, quantize_linears
+from engine.request import Request
 from tests.factories import make_engine
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Water boils at",
@@ -44,7 +45,8 @@ def test_int8_model_tracks_float32_on_real_weights(model_dir):
     for prompt in PROMPTS:
         logits = []
         for engine in (reference, quantized):
-            req = engine.make_request(prompt)
+            gen = engine.make_request(prompt)
+            req = Request(gen.req_id, gen.prompt_token_ids, generation=gen)
             seq = engine.tokenizer.encode(prompt)
             logits.append(_first_step_logits(engine, req, seq))
         p_ref, p_q = (torch.log_softmax(lg, -1) for lg in logits)
