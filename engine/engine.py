@@ -13,20 +13,20 @@ from collections.abc import Sequence
 import torch
 
 from decoding.base import Capture
-from engine.cache_manager import create_cache_manager
+from engine.core.cache_manager import create_cache_manager
 from engine.config import EngineConfig
 from engine.errors import InvalidArgument
-from engine.generation import Generation
-from engine.loaded_model import load_model
+from engine.pipeline.generation import Generation
+from engine.execution.loaded_model import load_model
 from engine.messages import CompletionOutput, RequestOutput
-from engine.model_runner import ModelRunner
-from engine.output_processor import OutputProcessor
-from engine.ports import EnginePort
+from engine.execution.model_runner import ModelRunner
+from engine.pipeline.output_processor import OutputProcessor
+from engine.pipeline.ports import EnginePort
 from engine.prompt import StructuredPrompt
 from engine.prompt import layout as prompt_layout
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.strategy_runner import StrategyRunner
+from engine.core.scheduler import Scheduler
+from engine.pipeline.strategy_runner import StrategyRunner
 from engine.tokenizer import Tokenizer
 
 

@@ -21,10 +21,12 @@ PACKAGE = "server.pb"
 
 def build(out_dir: Path) -> list[Path]:
     """Writes the stubs under `out_dir/polydecode/v1/` and returns their paths."""
+    import grpc_tools
     from grpc_tools import protoc
 
+    well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"  # google/protobuf/*
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
+    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
             f"--grpc_python_out={out_dir}", str(PROTO_ROOT / PROTO_FILE)]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO_FILE}")

@@ -1,14 +1,23 @@
-"""The `polydecode` command line: model-path, generate, bench."""
+"""The `polydecode` command line: model-path, generate, serve, bench.
+
+Strategies and transforms come from `decoding.registry`: `--strategy` offers every registered
+strategy, `--strategy-params` / `--transform NAME=JSON` give any plug-in's params, and
+`--plugin MODULE` imports a module first so that its `@register_*` decorators run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import runpy
 import sys
 from pathlib import Path
 
 import msgspec
+
+from decoding import registry
+from decoding.base import InvalidArgument
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_PROMPT = "The three most useful things to know about paged attention are"
@@ -47,9 +56,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--logprobs", type=int, default=None, help="return top-N logprobs")
-    p.add_argument("--strategy", default=None,
-                   choices=["greedy", "sampling", "contrastive", "beam"],
+    p.add_argument("--strategy", default=None, choices=registry.strategy_names(),
                    help="default: greedy when --temperature is 0, else sampling")
+    p.add_argument("--strategy-params", default=None, metavar="JSON",
+                   help="fields of the strategy's params, as a JSON object, over the values "
+                        "its dedicated flags give")
+    p.add_argument("--transform", action="append", default=[], metavar="NAME[=JSON]",
+                   help="a plug-in transform and its params (repeatable); registered: "
+                        f"{', '.join(registry.transform_names(plugins_only=True)) or 'none'}")
     p.add_argument("--penalty-alpha", type=float, default=0.6,
                    help="contrastive search degeneration penalty (its k is --top-k, default 4)")
     p.add_argument("--num-beams", type=int, default=4)
@@ -76,6 +90,27 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-top-logprobs", type=int, default=20)
 
 
+def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module first, registering its strategies and transforms "
+                        "(repeatable)")
+
+
+def import_plugins(argv: list[str]) -> None:
+    """Imports the `--plugin` modules of `argv` (before the parser lists the strategies).
+
+    Raises:
+        InvalidArgument: a module cannot be imported (field "plugin").
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    _add_plugin_arg(pre)
+    for name in pre.parse_known_args(argv)[0].plugin:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise InvalidArgument("plugin", f"cannot import {name!r}: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polydecode")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate offline (all prompts batched together)")
     _add_model_args(p)
     _add_sampling_args(p)
+    _add_plugin_arg(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one text prompt")
     src.add_argument("--prompts-file", help='JSONL file, one {"prompt": "..."} per line')
@@ -94,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the model over gRPC")
     _add_model_args(p)
     _add_serve_args(p)
+    _add_plugin_arg(p)
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("which", choices=["throughput", "serve"])
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -101,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        import_plugins(argv)
+    except InvalidArgument as exc:
+        print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     if args.command == "model-path":
         from engine.loader import resolve_model_dir
@@ -113,10 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.server:
-        from server.client import generate_remote
-
-        return generate_remote(args, _read_prompts(args))
+        return _generate_remote(args)
     return _generate(args)
+
+
+def _generate_remote(args) -> int:
+    from server.client import generate_remote
+
+    try:
+        params, prompts = make_sampling_params(args), _read_prompts(args)
+    except InvalidArgument as exc:
+        print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
+        return 2
+    return generate_remote(args, prompts, params)
 
 
 def _serve(args) -> int:
@@ -136,30 +188,21 @@ def _serve(args) -> int:
     return run(msgspec.structs.replace(engine_config, scheduler=scheduler), config)
 
 
-def _read_prompts(args) -> list[str | list[int] | dict]:
-    """Prompts: text, token ids, or a structured prompt object
-    `{"segments": [{"text": ...}, {"tokens": [...]}, {"parallel": [text or ids, ...]}]}`."""
+def _read_prompts(args) -> list:
+    """The prompts as `server.prompts.Prompt`s: `--prompt` text, or one JSON line per prompt in
+    `--prompts-file`: `{"prompt": text or prompt object}` or `{"prompt_token_ids": [...]}`
+    (prompt objects: see `server.prompts`). `--chat` makes a text prompt a user turn."""
+    from server.prompts import from_json
+
     if args.prompts_file:
         prompts = []
         for line in Path(args.prompts_file).read_text().splitlines():
             if line.strip():
                 obj = json.loads(line)
                 prompts.append(obj["prompt"] if "prompt" in obj else obj["prompt_token_ids"])
-        return prompts
-    return [args.prompt if args.prompt is not None else DEMO_PROMPT]
-
-
-def structured_prompt(obj: dict):
-    """The engine's StructuredPrompt of a JSON prompt object (see `_read_prompts`)."""
-    from engine.prompt import Parallel, StructuredPrompt
-
-    segments = []
-    for seg in obj["segments"]:
-        if "parallel" in seg:
-            segments.append(Parallel(members=list(seg["parallel"])))
-        else:
-            segments.append(seg["text"] if "text" in seg else list(seg["tokens"]))
-    return StructuredPrompt(segments=segments)
+    else:
+        prompts = [args.prompt if args.prompt is not None else DEMO_PROMPT]
+    return [from_json(p, chat=args.chat) for p in prompts]
 
 
 def make_engine_config(args):
@@ -174,40 +217,70 @@ def make_engine_config(args):
                                   max_num_seqs=args.max_num_seqs))
 
 
+def _flag_fields(args) -> dict:
+    """Strategy params the dedicated flags give; a strategy takes those its Struct has (unset
+    ones, None, leave the Struct's defaults: `--top-k 0` is contrastive search's 4)."""
+    given = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                 min_p=args.min_p, seed=args.seed, penalty_alpha=args.penalty_alpha,
+                 num_beams=args.num_beams, length_penalty=args.length_penalty,
+                 early_stopping=args.early_stopping, num_return=args.num_return)
+    return {field: value for field, value in given.items() if value is not None}
+
+
+def _json_object(text: str | None, field: str) -> dict:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(field, f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(field, "must be a JSON object")
+    return value
+
+
+def make_strategy(args):
+    """The params Struct of `--strategy` (default: greedy when --temperature is 0, else
+    sampling): its dedicated flags, then `--strategy-params` over them, validated."""
+    name = args.strategy or ("greedy" if args.temperature == 0 else "sampling")
+    struct_fields = registry.entry(name).params_type.__struct_fields__
+    fields = {k: v for k, v in _flag_fields(args).items() if k in struct_fields}
+    fields.update(_json_object(args.strategy_params, "strategy-params"))
+    return registry.parse_params(name, fields, "strategy")
+
+
+def make_transforms(args) -> tuple:
+    """The params Structs of the `--transform NAME[=JSON]` flags."""
+    names, out = registry.transform_names(plugins_only=True), []
+    for spec in args.transform:
+        name, _, params = spec.partition("=")
+        if name not in names:
+            raise InvalidArgument("transform", f"unknown transform {name!r}; "
+                                           f"registered: {', '.join(names) or 'none'}")
+        out.append(registry.parse_params(name, _json_object(params or None, name),
+                                         "transform", name))
+    return tuple(out)
+
+
 def make_sampling_params(args):
-    from decoding.params import BeamSearch, Contrastive
     from engine.sampling_params import SamplingParams
 
-    strategy, sampling = None, dict(temperature=args.temperature, top_p=args.top_p,
-                                    top_k=args.top_k, min_p=args.min_p, seed=args.seed)
-    if args.strategy == "greedy":
-        sampling["temperature"] = 0.0
-    elif args.strategy == "contrastive":
-        strategy = Contrastive(top_k=args.top_k or 4, penalty_alpha=args.penalty_alpha)
-    elif args.strategy == "beam":
-        strategy = BeamSearch(num_beams=args.num_beams, length_penalty=args.length_penalty,
-                              early_stopping=args.early_stopping, num_return=args.num_return)
-    if strategy is not None:
-        sampling = {}
     return SamplingParams(
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
         repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty, stop=tuple(args.stop),
-        ignore_eos=args.ignore_eos, logprobs=args.logprobs, strategy=strategy, **sampling)
+        ignore_eos=args.ignore_eos, logprobs=args.logprobs, strategy=make_strategy(args),
+        transforms=make_transforms(args))
 
 
 def _generate(args) -> int:
     from engine.engine import Engine
-    from engine.errors import InvalidArgument
+    from server.prompts import to_engine
 
     try:
-        params = make_sampling_params(args)
-        prompts = [structured_prompt(p) if isinstance(p, dict) else p
-                   for p in _read_prompts(args)]
+        params, prompts = make_sampling_params(args), _read_prompts(args)
         engine = Engine(make_engine_config(args))
-        if args.chat:
-            prompts = [engine.tokenizer.apply_chat_template(p) if isinstance(p, str) else p
-                       for p in prompts]
+        prompts = [to_engine(p, engine.tokenizer, engine.vocab_size)[0] for p in prompts]
         results = engine.generate(prompts, params)
     except InvalidArgument as exc:
         print(f"polydecode: invalid argument: {exc}", file=sys.stderr)

@@ -11,62 +11,88 @@ import json
 import sys
 
 import grpc
+import msgspec
+from google.protobuf import json_format
 
+from decoding import registry
+from server import prompts
 from server.pb import pb, pb_grpc
 
 FINISH_NAMES = {pb.FINISH_EOS: "stop", pb.FINISH_STOP_SEQUENCE: "stop",
                 pb.FINISH_LENGTH: "length", pb.FINISH_CONTEXT_LIMIT: "length",
                 pb.FINISH_TIME_LIMIT: "abort", pb.FINISH_CANCELLED: "abort"}
 """Proto finish reasons -> the offline engine's finish_reason strings."""
+_ONEOF_FIELDS = {f.name for f in pb.DecodingStrategy.DESCRIPTOR.oneofs_by_name["strategy"].fields
+                 if f.name != "plugin"}
+"""Strategies with a field of their own in DecodingStrategy (the others go as `plugin`)."""
 
 
-def _part(value) -> dict:
+def _part(value: str | list[int]) -> dict:
     return {"text": value} if isinstance(value, str) else {"tokens": pb.TokenIds(ids=value)}
 
 
-def build_prompt(args, prompt: str | list[int] | dict) -> pb.Prompt:
-    """Text, token ids, or a structured prompt object (`{"segments": [...]}`)."""
-    if isinstance(prompt, dict):
-        segments = [pb.Segment(parallel=pb.ParallelSet(
-            members=[pb.TextOrTokens(**_part(m)) for m in seg["parallel"]]))
-            if "parallel" in seg else pb.Segment(**_part(seg.get("text", seg.get("tokens"))))
-            for seg in prompt["segments"]]
-        return pb.Prompt(segments=segments)
-    if args.chat and isinstance(prompt, str):
-        return pb.Prompt(messages=[pb.ChatMessage(role="user", content=prompt)])
-    return pb.Prompt(segments=[pb.Segment(**_part(prompt))])
+def build_prompt(prompt: prompts.Prompt) -> pb.Prompt:
+    """The proto Prompt of the shared prompt form (`server.prompts`)."""
+    segments = [pb.Segment(parallel=pb.ParallelSet(
+        members=[pb.TextOrTokens(**_part(m)) for m in seg.parallel]))
+        if seg.parallel is not None else pb.Segment(**_part(
+            seg.text if seg.text is not None else seg.tokens))
+        for seg in prompt.segments]
+    out = pb.Prompt(segments=segments, messages=[
+        pb.ChatMessage(role=m.role, content=m.content) for m in prompt.messages])
+    if prompt.add_special_tokens is not None:
+        out.add_special_tokens = prompt.add_special_tokens
+    return out
 
 
-def build_decoding(args) -> pb.DecodingStrategy:
-    if args.strategy == "contrastive":
-        return pb.DecodingStrategy(contrastive=pb.ContrastiveSearch(
-            top_k=args.top_k or 4, penalty_alpha=args.penalty_alpha))
-    if args.strategy == "beam":
-        return pb.DecodingStrategy(beam=pb.BeamSearch(
-            num_beams=args.num_beams, length_penalty=args.length_penalty,
-            early_stopping=args.early_stopping, num_return=args.num_return))
-    if args.strategy == "greedy" or args.temperature == 0:
-        return pb.DecodingStrategy(greedy=pb.Greedy())
-    sampling = pb.Sampling(temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, min_p=args.min_p)
-    if args.seed is not None:
-        sampling.seed = args.seed
-    return pb.DecodingStrategy(sampling=sampling)
+def _params(params) -> dict:
+    """A params Struct's fields as JSON-like values (None left out: the field is unset)."""
+    fields = msgspec.to_builtins(params)
+    return {k: v for k, v in fields.items() if k != "type" and v is not None}
 
 
-def build_request(args, prompt: str | list[int] | dict) -> pb.GenerateRequest:
-    """The GenerateRequest for one prompt and the `generate` command's flags."""
+def build_decoding(selection) -> pb.DecodingStrategy:
+    """A strategy's params Struct as its DecodingStrategy oneof field when the proto has one
+    of that name and shape, else as `plugin` (any registered strategy by name)."""
+    name, fields = registry.entry(selection).name, _params(selection)
+    decoding = pb.DecodingStrategy()
+    if name in _ONEOF_FIELDS:
+        try:
+            getattr(decoding, name).SetInParent()
+            json_format.ParseDict(fields, getattr(decoding, name))
+            return decoding
+        except json_format.ParseError:
+            decoding = pb.DecodingStrategy()
+    decoding.plugin.name = name
+    decoding.plugin.params.update(fields)
+    return decoding
+
+
+def build_transforms(transforms) -> list[pb.Transform]:
+    out = []
+    for params in transforms:
+        t = pb.Transform(name=registry.entry(params).name)
+        t.params.update(_params(params))
+        out.append(t)
+    return out
+
+
+def build_request(args, prompt: prompts.Prompt, params) -> pb.GenerateRequest:
+    """The GenerateRequest for one prompt, the `generate` command's flags and the
+    `SamplingParams` they make (strategy and transforms)."""
+    selection = params.selection
     return pb.GenerateRequest(
-        prompt=build_prompt(args, prompt), decoding=build_decoding(args),
+        prompt=build_prompt(prompt), decoding=build_decoding(selection),
+        transforms=build_transforms(params.transforms),
         penalties=pb.Penalties(repetition=args.repetition_penalty,
                                frequency=args.frequency_penalty,
                                presence=args.presence_penalty),
         stopping=pb.Stopping(max_new_tokens=args.max_new_tokens,
                              min_new_tokens=args.min_new_tokens,
                              stop_sequences=args.stop, ignore_eos=args.ignore_eos),
-        response=pb.ResponseOptions(logprobs=args.logprobs is not None,
-                                    top_logprobs=args.logprobs or 0,
-                                    candidate_scores=args.strategy == "beam"))
+        response=pb.ResponseOptions(
+            logprobs=args.logprobs is not None, top_logprobs=args.logprobs or 0,
+            candidate_scores=not registry.entry(selection).cls.streams_output))
 
 
 async def _one(stub, request: pb.GenerateRequest, echo: bool) -> dict:
@@ -110,9 +136,10 @@ async def _run(address: str, requests: list[pb.GenerateRequest], as_json: bool) 
             print(result["text"], flush=True)
 
 
-def generate_remote(args, prompts: list[str | list[int]]) -> int:
-    """Runs `prompts` against the server at `args.server`; returns the exit status."""
-    requests = [build_request(args, p) for p in prompts]
+def generate_remote(args, prompt_list: list[prompts.Prompt], params) -> int:
+    """Runs the prompts with `params` (a SamplingParams) against the server at `args.server`;
+    returns the exit status."""
+    requests = [build_request(args, p, params) for p in prompt_list]
     try:
         asyncio.run(_run(args.server, requests, args.json))
     except grpc.aio.AioRpcError as exc:

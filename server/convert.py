@@ -1,8 +1,11 @@
 """proto <-> engine conversion: the only module that sees both protobuf and msgspec types.
 
 `to_submission` validates a GenerateRequest field by field (INVALID_ARGUMENT names the proto
-field path; reserved strategies and fields raise Unimplemented) and produces a `Submission`
-the engine client runs. The other functions build response messages from engine outputs.
+field path; unregistered strategies and reserved fields raise Unimplemented) and produces a
+`Submission` the engine client runs. Strategies and transforms are read from `decoding.registry`:
+a built-in DecodingStrategy oneof field or `plugin` (any registered strategy by name) becomes
+the strategy's params Struct through `registry.parse_params`. The other functions build
+response messages from engine outputs.
 """
 
 from __future__ import annotations
@@ -10,20 +13,19 @@ from __future__ import annotations
 import math
 
 import msgspec
+from google.protobuf import json_format
 
+from decoding import registry
 from engine.errors import InvalidArgument
-from decoding.params import BeamSearch, Contrastive
 from engine.messages import RequestOutput, TokenLogprob
-from engine.prompt import Parallel, StructuredPrompt
-from engine.prompt import layout as prompt_layout
+from engine.prompt import StructuredPrompt
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from server import prompts
 from server.config import Limits
 from server.errors import Unimplemented, proto_field
 from server.pb import pb
 
-_RESERVED_STRATEGIES = ("knn_lm", "rankgen", "awrs")
-_CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_NEW_TOKENS = 16
 
 
@@ -40,7 +42,6 @@ class Submission(msgspec.Struct, kw_only=True):
     token_ids: bool = True
     text: bool = True
     logprobs: bool = False
-    candidate_scores: bool = False
     candidate_scores: bool = False
 
 
@@ -85,13 +86,14 @@ def to_submission(msg: pb.GenerateRequest, ctx: Context, request_id: str | None 
              f"must be at most {ctx.max_new_tokens}")
     _require(response.top_logprobs <= limits.max_top_logprobs, "response.top_logprobs",
              f"must be at most {limits.max_top_logprobs}")
-    prompt, num_tokens = _prompt(msg.prompt, ctx)
+    prompt, num_tokens = prompts.to_engine(prompt_form(msg.prompt), ctx.tokenizer,
+                                           ctx.vocab_size, limits.max_parallel_members)
     _require(num_tokens <= ctx.max_prompt_tokens, "prompt",
              f"{num_tokens} tokens; at most {ctx.max_prompt_tokens} allowed")
     want_logprobs = response.logprobs or response.top_logprobs > 0
-    strategy = _strategy(msg.decoding)
+    strategy, transforms = _strategy(msg.decoding), _transforms(msg.transforms)
     try:
-        params = _sampling_params(msg, want_logprobs, strategy)
+        params = _sampling_params(msg, want_logprobs, strategy, transforms)
     except InvalidArgument as exc:
         raise InvalidArgument(proto_field(exc.field), exc.reason) from None
     return Submission(
@@ -105,7 +107,7 @@ def to_submission(msg: pb.GenerateRequest, ctx: Context, request_id: str | None 
 
 def _check_reserved(msg: pb.GenerateRequest) -> None:
     strategy = msg.decoding.WhichOneof("strategy")
-    if strategy in _RESERVED_STRATEGIES:
+    if strategy not in (None, "plugin") and strategy not in registry.strategy_names():
         raise Unimplemented(f"decoding.{strategy}", "this strategy is not available yet")
     constraint = msg.constraint.WhichOneof("kind")
     if constraint is not None:
@@ -117,96 +119,86 @@ def _check_reserved(msg: pb.GenerateRequest) -> None:
         raise Unimplemented("response.prompt_logprobs", "prompt logprobs are not available")
 
 
-def _prompt(prompt: pb.Prompt, ctx: Context) -> tuple[list[int] | StructuredPrompt, int]:
-    """The engine's prompt (token ids, or a structured prompt) and its token count."""
-    segments, messages = prompt.segments, prompt.messages
-    _require(bool(segments) != bool(messages), "prompt",
-             "exactly one of segments and messages must be non-empty")
-    if messages:
-        for i, m in enumerate(messages):
-            _require(m.role in _CHAT_ROLES, f"prompt.messages[{i}].role",
-                     f"must be one of {', '.join(_CHAT_ROLES)}")
-        ids = ctx.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages])
-        return ids, len(ids)
-    special = prompt.add_special_tokens if prompt.HasField("add_special_tokens") else True
-    parts: list = []
-    for i, segment in enumerate(segments):
-        kind, field = segment.WhichOneof("kind"), f"prompt.segments[{i}]"
-        if kind == "text":
-            parts.append(segment.text)
-        elif kind == "tokens":
-            _check_token_ids(segment.tokens.ids, f"{field}.tokens", ctx.vocab_size)
-            parts.append(list(segment.tokens.ids))
-        elif kind == "parallel":
-            parts.append(_parallel(segment.parallel, f"{field}.parallel", ctx))
-        else:
-            raise InvalidArgument(field, "must set one of text, tokens, parallel")
-    structured = StructuredPrompt(segments=parts, add_special_tokens=special)
-    ids = prompt_layout(structured, ctx.tokenizer.encode).token_ids
-    _require(bool(ids), "prompt", "must contain at least one token")
-    if not any(isinstance(part, Parallel) for part in parts):
-        return ids, len(ids)
-    return structured, len(ids)
+def prompt_form(prompt: pb.Prompt) -> prompts.Prompt:
+    """The shared Prompt form of a proto Prompt (validated later, by `prompts.to_engine`)."""
+    return prompts.Prompt(
+        segments=[_segment_form(s) for s in prompt.segments],
+        add_special_tokens=prompt.add_special_tokens
+        if prompt.HasField("add_special_tokens") else None,
+        messages=[prompts.ChatMessage(role=m.role, content=m.content) for m in prompt.messages])
 
 
-def _check_token_ids(ids, field: str, vocab_size: int) -> None:
-    _require(len(ids) > 0, field, "must not be empty")
-    _require(max(ids) < vocab_size, field, f"token ids must be < vocab size {vocab_size}")
+def _segment_form(segment: pb.Segment) -> prompts.Segment:
+    kind = segment.WhichOneof("kind")
+    if kind == "text":
+        return prompts.Segment(text=segment.text)
+    if kind == "tokens":
+        return prompts.Segment(tokens=list(segment.tokens.ids))
+    if kind == "parallel":
+        return prompts.Segment(parallel=[
+            list(m.tokens.ids) if m.WhichOneof("value") == "tokens" else m.text
+            for m in segment.parallel.members])
+    return prompts.Segment()
 
 
-def _parallel(parallel: pb.ParallelSet, field: str, ctx: Context) -> Parallel:
-    members, limit = parallel.members, ctx.limits.max_parallel_members
-    _require(2 <= len(members) <= limit, f"{field}.members",
-             f"a parallel set needs 2 to {limit} members")
-    out: list = []
-    for j, member in enumerate(members):
-        kind = member.WhichOneof("value")
-        _require(kind is not None and bool(member.text if kind == "text" else member.tokens.ids),
-                 f"{field}.members[{j}]", "must be non-empty text or tokens")
-        if kind == "tokens":
-            _check_token_ids(member.tokens.ids, f"{field}.members[{j}].tokens", ctx.vocab_size)
-        out.append(member.text if kind == "text" else list(member.tokens.ids))
-    return Parallel(members=out)
+def _fields(msg) -> dict:
+    """The set fields of a proto message as plain values: unset and zero scalars are left out,
+    so the params Struct's defaults apply; floats exactly as the message holds them."""
+    out = {}
+    for field, value in msg.ListFields():
+        if field.is_repeated:
+            value = list(value)
+        elif field.message_type is not None:
+            value = _fields(value)
+        out[field.name] = value
+    return out
 
 
 def _strategy(decoding: pb.DecodingStrategy):
-    """The strategy params Struct of `decoding` (None: greedy or sampling)."""
+    """The registered strategy's params Struct of `decoding` (unset: greedy)."""
     kind = decoding.WhichOneof("strategy")
-    try:
-        if kind == "contrastive":
-            c = decoding.contrastive
-            return Contrastive(top_k=c.top_k or 4, penalty_alpha=c.penalty_alpha
-                               if c.HasField("penalty_alpha") else 0.6)
-        if kind == "beam":
-            b = decoding.beam
-            return BeamSearch(num_beams=b.num_beams or 4, length_penalty=b.length_penalty
-                              if b.HasField("length_penalty") else 1.0,
-                              early_stopping=b.early_stopping, num_return=b.num_return or 1)
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"decoding.{kind}.{exc.field}", exc.reason) from None
-    return None
+    if kind is None:
+        return registry.parse_params("greedy", {}, "strategy", "decoding.greedy")
+    if kind == "plugin":
+        plugin = decoding.plugin
+        _require(plugin.name in registry.strategy_names(), "decoding.plugin.name",
+                 f"unknown strategy {plugin.name!r}; registered: "
+                 f"{', '.join(registry.strategy_names())}")
+        name, path = plugin.name, "decoding.plugin.params"
+        fields = json_format.MessageToDict(plugin.params)
+    else:
+        name, path, fields = kind, f"decoding.{kind}", _fields(getattr(decoding, kind))
+    params = registry.parse_params(name, fields, "strategy", path)
+    if name == "sampling":  # NaN / inf travel in floats; name the field
+        for key, value in msgspec.structs.asdict(params).items():
+            _require(not isinstance(value, float) or math.isfinite(value), f"{path}.{key}",
+                     "must be a finite number")
+    return params
 
 
-def _sampling_params(msg: pb.GenerateRequest, want_logprobs: bool, strategy) -> SamplingParams:
-    decoding, pen, stop = msg.decoding, msg.penalties, msg.stopping
-    kwargs: dict = {"temperature": 0.0}
-    if decoding.WhichOneof("strategy") == "sampling":
-        s = decoding.sampling
-        kwargs = {"temperature": s.temperature if s.HasField("temperature") else 1.0,
-                  "top_k": s.top_k, "top_p": s.top_p if s.HasField("top_p") else 1.0,
-                  "min_p": s.min_p, "seed": s.seed if s.HasField("seed") else None}
-    for key, value in kwargs.items():  # NaN / inf travel in floats; name the field
-        _require(not isinstance(value, float) or math.isfinite(value),
-                 f"decoding.sampling.{key}", "must be a finite number")
+def _transforms(transforms) -> tuple:
+    """The params Structs of a request's plug-in transforms."""
+    names, out = registry.transform_names(plugins_only=True), []
+    for i, t in enumerate(transforms):
+        _require(t.name in names, f"transforms[{i}].name", f"unknown transform {t.name!r}; "
+                 f"registered: {', '.join(names) or 'none'}")
+        out.append(registry.parse_params(t.name, json_format.MessageToDict(t.params),
+                                         "transform", f"transforms[{i}].params"))
+    return tuple(out)
+
+
+def _sampling_params(msg: pb.GenerateRequest, want_logprobs: bool, strategy,
+                     transforms: tuple) -> SamplingParams:
+    pen, stop = msg.penalties, msg.stopping
     return SamplingParams(
-        **kwargs, max_new_tokens=stop.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens=stop.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         min_new_tokens=stop.min_new_tokens, repetition_penalty=pen.repetition or 1.0,
         frequency_penalty=pen.frequency, presence_penalty=pen.presence,
         logit_bias=dict(pen.logit_bias), stop=tuple(stop.stop_sequences),
         stop_token_ids=tuple(stop.stop_token_ids), ignore_eos=stop.ignore_eos,
         include_stop_str_in_output=stop.include_stop_sequence,
-        logprobs=msg.response.top_logprobs if want_logprobs else None, strategy=strategy)
+        logprobs=msg.response.top_logprobs if want_logprobs else None, strategy=strategy,
+        transforms=transforms)
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -281,14 +273,17 @@ def _finish_reason(out: RequestOutput, sub: Submission, max_model_len: int,
     return pb.FINISH_TIME_LIMIT if time_limited else pb.FINISH_CANCELLED
 
 
-def model_info(engine, ctx: Context, strategies) -> pb.ModelInfo:
+def model_info(engine, ctx: Context) -> pb.ModelInfo:
+    """What the server runs: registered strategies and plug-in transforms included."""
     cfg, limits = engine.config, ctx.limits
     return pb.ModelInfo(
-        model=cfg.model.model, family=engine.runner.config.family,
+        model=cfg.model.model, family=engine.loaded.family,
         max_context=ctx.max_model_len, vocab_size=ctx.vocab_size,
-        eos_token_ids=list(engine.tokenizer.eos_token_ids), strategies=list(strategies),
-        constraints=[], dtype=cfg.model.dtype,
-        kv_block_size=0 if engine.runner.uses_state_slots else cfg.cache.block_size,
+        eos_token_ids=list(engine.tokenizer.eos_token_ids),
+        strategies=registry.strategy_names(),
+        transforms=registry.transform_names(plugins_only=True), constraints=[],
+        dtype=cfg.model.dtype,
+        kv_block_size=0 if engine.loaded.memory == "state_slots" else cfg.cache.block_size,
         limits=pb.Limits(
             max_prompt_tokens=ctx.max_prompt_tokens, max_new_tokens=ctx.max_new_tokens,
             max_stop_sequences=limits.max_stop_sequences, max_stop_bytes=limits.max_stop_bytes,

@@ -17,7 +17,6 @@ from server.errors import Unavailable, abort_with, status_of
 from server.metrics import Metrics, RequestTimer
 from server.pb import pb, pb_grpc
 
-SUPPORTED_STRATEGIES = ("greedy", "sampling", "contrastive", "beam")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
@@ -126,7 +125,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context):
         try:
             self.client.check_accepting()
-            return convert.model_info(self.client.engine, self.ctx, SUPPORTED_STRATEGIES)
+            return convert.model_info(self.client.engine, self.ctx)
         except Exception as exc:  # noqa: BLE001
             await abort_with(context, exc)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE_PYTHON = ["engine/block_pool.py", "engine/kv_cache_manager.py", "engine/prefix_hash.py",
-               "engine/scheduler.py", "engine/request.py", "engine/cache_manager.py"]
+PURE_PYTHON = ["engine/core/block_pool.py", "engine/core/kv_cache_manager.py", "engine/core/prefix_hash.py",
+               "engine/core/scheduler.py", "engine/core/request.py", "engine/core/cache_manager.py"]
 
 
 DECODING_SEEN_BY_ENGINE = {"decoding", "decoding.base", "decoding.registry"}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
+from engine.execution.attention_metadata import AttentionMetadata
 from engine.layers.attention import PagedAttention
 from engine.layers.norms import CenteredNorm, LayerNorm
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata
+from engine.execution.attention_metadata import AttentionMetadata
 from engine.kernels.linear_attention import linear_decode
 from engine.layers import linear_attention as la
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.block_pool import BlockPool, FreeKVCacheBlockQueue, KVCacheBlock
+from engine.core.block_pool import BlockPool, FreeKVCacheBlockQueue, KVCacheBlock
 
 NUM_BLOCKS = 8
 

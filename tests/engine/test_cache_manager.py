@@ -8,10 +8,10 @@ import typing
 
 import pytest
 
-from engine.cache_manager import MEMORY_KINDS, CacheManager, MemoryKind, create_cache_manager
+from engine.core.cache_manager import MEMORY_KINDS, CacheManager, MemoryKind, create_cache_manager
 from engine.config import CacheConfig
-from engine.kv_cache_manager import KVCacheManager
-from engine.state_cache_manager import StateCacheManager
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.state_cache_manager import StateCacheManager
 
 MANAGERS = [KVCacheManager(8, 4), StateCacheManager(8)]
 METHODS = ["lookup_prefix", "allocate_slots", "get_block_ids", "fork", "free",

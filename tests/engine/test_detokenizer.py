@@ -3,7 +3,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.detokenizer import IncrementalDetokenizer, StopChecker, StopMatch
+from engine.pipeline.detokenizer import IncrementalDetokenizer, StopChecker, StopMatch
 
 
 # (prompt, output) pairs; outputs are decoded on their own by the oracle, so each starts the way

@@ -6,8 +6,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.kv_cache_manager import KVBlocks, KVCacheManager
-from engine.prefix_hash import hash_full_blocks
+from engine.core.kv_cache_manager import KVBlocks, KVCacheManager
+from engine.core.prefix_hash import hash_full_blocks
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 10

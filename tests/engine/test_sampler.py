@@ -7,7 +7,7 @@ import transformers
 from decoding.base import SamplingBatch, SamplingRow
 from decoding.sampling import hash_uniform, random_exponentials
 from decoding.transforms import apply_logits_processors, apply_min_p, apply_top_k_top_p
-from engine.sampler import Sampler
+from engine.pipeline.sampler import Sampler
 from engine.sampling_params import SamplingParams
 
 from transformers import (  # noqa: E402

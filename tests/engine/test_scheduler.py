@@ -10,9 +10,9 @@ import pytest
 
 from engine.config import SchedulerConfig
 from engine.errors import ResourceExhausted
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request, RequestStatus
-from engine.scheduler import Scheduler
+from engine.core.kv_cache_manager import KVCacheManager
+from engine.core.request import Request, RequestStatus
+from engine.core.scheduler import Scheduler
 
 BLOCK_SIZE = 4
 
@@ -132,7 +132,7 @@ def test_set_prompt_on_state_slots_gets_its_whole_first_chunk_reserved():
     leave too little budget, the next step holds that budget back for it instead of letting
     the prompt wait until the batch drains."""
     from engine.prompt import Parallel, StructuredPrompt, layout
-    from engine.state_cache_manager import StateCacheManager
+    from engine.core.state_cache_manager import StateCacheManager
 
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8), StateCacheManager(8))
     decoders = [make_request(f"d{i}", 1) for i in range(3)]

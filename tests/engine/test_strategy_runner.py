@@ -11,11 +11,11 @@ import torch
 
 from decoding.base import SamplingBatch, Transform
 from decoding.params import BeamSearch
-from engine.generation import Generation
-from engine.request import Request, RequestStatus
-from engine.sampler import Sampler
+from engine.pipeline.generation import Generation
+from engine.core.request import Request, RequestStatus
+from engine.pipeline.sampler import Sampler
 from engine.sampling_params import SamplingParams
-from engine.strategy_runner import StrategyRunner
+from engine.pipeline.strategy_runner import StrategyRunner
 
 VOCAB = 5
 PROMPT = [1, 2]

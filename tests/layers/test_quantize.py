@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from engine.layers.quantize import Int8WeightOnlyLinear, quantize_linears
-from engine.request import Request
+from engine.core.request import Request
 from tests.factories import make_engine
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Water boils at",
@@ -56,7 +56,7 @@ def test_int8_model_tracks_float32_on_real_weights(model_dir):
 
 
 def _first_step_logits(engine, req, seq) -> torch.Tensor:
-    from engine.scheduler_output import ScheduledRequest, SchedulerOutput
+    from engine.core.scheduler_output import ScheduledRequest, SchedulerOutput
 
     engine.kv_cache.allocate_slots(req.req_id, seq, 0, len(seq))
     item = ScheduledRequest(request=req, num_new_tokens=len(seq), samples=True,

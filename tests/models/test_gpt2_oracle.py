@@ -22,7 +22,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata, PrefillChunk
+from engine.execution.attention_metadata import AttentionMetadata, PrefillChunk
 from engine.models.gpt2 import GPT2Config
 from engine.sampling_params import SamplingParams
 from tests.factories import make_engine

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.attention_metadata import AttentionMetadata, PrefillChunk
+from engine.execution.attention_metadata import AttentionMetadata, PrefillChunk
 from engine.config import ModelConfig
 from engine.loader import iter_safetensors, load_hf_config
 from engine.models.llama import LlamaConfig, LlamaForCausalLM

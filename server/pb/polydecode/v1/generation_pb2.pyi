@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -143,8 +144,16 @@ class Awrs(_message.Message):
     base: Sampling
     def __init__(self, base: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
+class Plugin(_message.Message):
+    __slots__ = ("name", "params")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    params: _struct_pb2.Struct
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
 class DecodingStrategy(_message.Message):
-    __slots__ = ("greedy", "sampling", "contrastive", "beam", "knn_lm", "rankgen", "awrs")
+    __slots__ = ("greedy", "sampling", "contrastive", "beam", "knn_lm", "rankgen", "awrs", "plugin")
     GREEDY_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CONTRASTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +161,7 @@ class DecodingStrategy(_message.Message):
     KNN_LM_FIELD_NUMBER: _ClassVar[int]
     RANKGEN_FIELD_NUMBER: _ClassVar[int]
     AWRS_FIELD_NUMBER: _ClassVar[int]
+    PLUGIN_FIELD_NUMBER: _ClassVar[int]
     greedy: Greedy
     sampling: Sampling
     contrastive: ContrastiveSearch
@@ -159,7 +169,16 @@ class DecodingStrategy(_message.Message):
     knn_lm: KnnLm
     rankgen: RankGenRerank
     awrs: Awrs
-    def __init__(self, greedy: _Optional[_Union[Greedy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., contrastive: _Optional[_Union[ContrastiveSearch, _Mapping]] = ..., beam: _Optional[_Union[BeamSearch, _Mapping]] = ..., knn_lm: _Optional[_Union[KnnLm, _Mapping]] = ..., rankgen: _Optional[_Union[RankGenRerank, _Mapping]] = ..., awrs: _Optional[_Union[Awrs, _Mapping]] = ...) -> None: ...
+    plugin: Plugin
+    def __init__(self, greedy: _Optional[_Union[Greedy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., contrastive: _Optional[_Union[ContrastiveSearch, _Mapping]] = ..., beam: _Optional[_Union[BeamSearch, _Mapping]] = ..., knn_lm: _Optional[_Union[KnnLm, _Mapping]] = ..., rankgen: _Optional[_Union[RankGenRerank, _Mapping]] = ..., awrs: _Optional[_Union[Awrs, _Mapping]] = ..., plugin: _Optional[_Union[Plugin, _Mapping]] = ...) -> None: ...
+
+class Transform(_message.Message):
+    __slots__ = ("name", "params")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    params: _struct_pb2.Struct
+    def __init__(self, name: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Constraint(_message.Message):
     __slots__ = ("regex", "json_schema", "ebnf_grammar", "choice")
@@ -233,7 +252,7 @@ class ResponseOptions(_message.Message):
     def __init__(self, token_ids: _Optional[bool] = ..., text: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[bool] = ..., candidate_scores: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "decoding", "constraint", "penalties", "stopping", "response", "priority", "cache_salt")
+    __slots__ = ("request_id", "prompt", "decoding", "constraint", "penalties", "stopping", "response", "priority", "cache_salt", "transforms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     DECODING_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +262,7 @@ class GenerateRequest(_message.Message):
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFORMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: Prompt
     decoding: DecodingStrategy
@@ -252,7 +272,8 @@ class GenerateRequest(_message.Message):
     response: ResponseOptions
     priority: int
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., decoding: _Optional[_Union[DecodingStrategy, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., penalties: _Optional[_Union[Penalties, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    transforms: _containers.RepeatedCompositeFieldContainer[Transform]
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., decoding: _Optional[_Union[DecodingStrategy, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., penalties: _Optional[_Union[Penalties, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., transforms: _Optional[_Iterable[_Union[Transform, _Mapping]]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("id", "logprob", "text")
@@ -433,7 +454,7 @@ class Limits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_parallel_members: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "family", "max_context", "vocab_size", "eos_token_ids", "strategies", "constraints", "dtype", "kv_block_size", "limits")
+    __slots__ = ("model", "family", "max_context", "vocab_size", "eos_token_ids", "strategies", "constraints", "dtype", "kv_block_size", "limits", "transforms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -444,6 +465,7 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFORMS_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     max_context: int
@@ -454,7 +476,8 @@ class ModelInfo(_message.Message):
     dtype: str
     kv_block_size: int
     limits: Limits
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., strategies: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    transforms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., strategies: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., transforms: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

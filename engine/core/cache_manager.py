@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
-from engine.kv_cache_manager import KVBlocks, KVCacheManager
-from engine.state_cache_manager import StateCacheManager
+from engine.core.kv_cache_manager import KVBlocks, KVCacheManager
+from engine.core.state_cache_manager import StateCacheManager
 
 if TYPE_CHECKING:
     from engine.config import CacheConfig

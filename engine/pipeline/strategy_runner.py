@@ -5,7 +5,7 @@ the registered transforms run over it in chain order, each once for all rows tha
 the batchable strategies (greedy, sampling) choose for all of their rows at once and their
 tokens are appended and emitted; every other generation whose branches have all reported sees a
 `StepView` and answers a `StepDecision`, applied here in its documented order. Every effect on
-memory or output goes through the `StrategyPort` (engine/ports.py).
+memory or output goes through the `StrategyPort` (engine/pipeline/ports.py).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 
 from decoding.base import Capture, SamplingBatch, SamplingRow, StepDecision, StepView
 from engine.errors import ResourceExhausted
-from engine.generation import Generation
+from engine.pipeline.generation import Generation
 from engine.messages import RequestOutput, TokenLogprob
-from engine.ports import StrategyPort
-from engine.request import Request, RequestStatus
-from engine.sampler import Sampler, select
+from engine.pipeline.ports import StrategyPort
+from engine.core.request import Request, RequestStatus
+from engine.pipeline.sampler import Sampler, select
 
 CAPTURE_FINAL_HIDDEN = Capture("final_hidden")
 """The LM-head input (final-norm hidden state) of a sampled row."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
-from engine.kv_cache_manager import KVBlocks
+from engine.core.kv_cache_manager import KVBlocks
 
 
 class StateCacheManager:

@@ -1,6 +1,6 @@
 """The narrow ports through which the strategy runner changes the engine.
 
-`StrategyRunner` (engine/strategy_runner.py) never reaches into the scheduler, the KV cache or
+`StrategyRunner` (engine/pipeline/strategy_runner.py) never reaches into the scheduler, the KV cache or
 the output processor: every effect of a decision goes through one `StrategyPort` method, and
 `EnginePort` is the engine's one implementation of them. `Engine.fork` uses the same `fork`, so
 there is one copy-on-write rule. Tests drive the runner with a fake port and no model.
@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from engine.errors import ResourceExhausted
-from engine.request import Request, RequestStatus
+from engine.core.request import Request, RequestStatus
 
 if TYPE_CHECKING:
-    from engine.cache_manager import CacheManager
-    from engine.generation import Generation
+    from engine.core.cache_manager import CacheManager
+    from engine.pipeline.generation import Generation
     from engine.messages import RequestOutput, TokenLogprob
-    from engine.output_processor import OutputProcessor
-    from engine.scheduler import Scheduler
+    from engine.pipeline.output_processor import OutputProcessor
+    from engine.core.scheduler import Scheduler
 
 
 class StrategyPort(Protocol):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engine.cache_manager import MemoryKind
+from engine.core.cache_manager import MemoryKind
 from engine.config import ModelConfig
 from engine.layers.packed_linear import can_prepack, prepack_linears
 from engine.layers.quantize import quantize_linears

@@ -12,8 +12,8 @@ from collections.abc import Hashable, Sequence
 
 import msgspec
 
-from engine.block_pool import BlockPool, KVCacheBlock
-from engine.prefix_hash import hash_block_tokens
+from engine.core.block_pool import BlockPool, KVCacheBlock
+from engine.core.prefix_hash import hash_block_tokens
 
 
 class KVBlocks(msgspec.Struct, frozen=True, gc=False):

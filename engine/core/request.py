@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from decoding.base import Capture
-    from engine.generation import Generation
+    from engine.pipeline.generation import Generation
     from engine.prompt import PromptLayout
 
 
@@ -23,7 +23,36 @@ class RequestStatus(enum.Enum):
         return self.value in ("stop", "length", "abort")
 
 
-class Request:
+class TokenSequence:
+    """Prompt + generated tokens and a status: what a scheduled sequence and a client-visible
+    generation both are (subclasses set `all_token_ids`, `num_prompt_tokens`, `status`)."""
+
+    __slots__ = ()
+    all_token_ids: list[int]
+    num_prompt_tokens: int
+    status: RequestStatus
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+
+
+class Request(TokenSequence):
     """Token state of one scheduled sequence.
 
     `all_token_ids` is prompt + generated tokens; `num_computed_tokens` of them have K/V in the
@@ -70,22 +99,6 @@ class Request:
         self.first_scheduled_time: float | None = None
         """When a step first ran this sequence (None: not yet)."""
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[self.num_prompt_tokens:]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - self.num_prompt_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status.is_finished
-
     def positions(self, start: int, end: int) -> list[int]:
         """Position ids of tokens [start, end): their index, or the structured prompt's layout
         (generated tokens continue one past the last prompt position)."""
@@ -103,9 +116,6 @@ class Request:
             return False
         first, last = self.layout.member_span
         return start < last and end > first
-
-    def append_token(self, token_id: int) -> None:
-        self.all_token_ids.append(token_id)
 
     def fork(self, child_id: str, branch: int, seed: int,
              generation: Generation | None = None) -> Request:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from engine.request import Request
+from engine.core.request import Request
 
 
 class ScheduledRequest(msgspec.Struct, kw_only=True):

@@ -15,11 +15,11 @@ from pathlib import Path
 import msgspec
 import torch
 
-from engine.attention_metadata import AttentionMetadata, PrefillChunk
+from engine.execution.attention_metadata import AttentionMetadata, PrefillChunk
 from engine.config import CacheConfig, ModelConfig
 from engine.kernels import paged_attention
-from engine.loaded_model import LoadedModel, load_model
-from engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from engine.execution.loaded_model import LoadedModel, load_model
+from engine.core.scheduler_output import ScheduledRequest, SchedulerOutput
 
 
 class ModelRunnerOutput(msgspec.Struct, kw_only=True):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.pipeline.detokenizer import IncrementalDetokenizer
 from engine.messages import Candidate, CompletionOutput, RequestOutput, TokenLogprob
-from engine.generation import Generation
-from engine.request import RequestStatus
+from engine.pipeline.generation import Generation
+from engine.core.request import RequestStatus
 from engine.tokenizer import Tokenizer
 
 

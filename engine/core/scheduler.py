@@ -13,11 +13,11 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from engine.cache_manager import CacheManager
+from engine.core.cache_manager import CacheManager
 from engine.config import SchedulerConfig
 from engine.errors import ResourceExhausted
-from engine.request import Request, RequestStatus
-from engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from engine.core.request import Request, RequestStatus
+from engine.core.scheduler_output import ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:

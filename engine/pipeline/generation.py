@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from decoding import registry
-from engine.request import Request, RequestStatus
+from engine.core.request import Request, RequestStatus, TokenSequence
 
 if TYPE_CHECKING:
     from decoding.base import Capture
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from engine.sampling_params import SamplingParams
 
 
-class Generation:
+class Generation(TokenSequence):
     """Client-visible state of one request.
 
     Attributes that only exist once something happened are explicit: `status` starts WAITING,
@@ -65,27 +65,8 @@ class Generation:
         self.freed_forward_tokens = 0
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[self.num_prompt_tokens:]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - self.num_prompt_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status.is_finished
-
-    @property
     def max_branches(self) -> int:
         return type(self.strategy).max_branches(self.params.selection)
-
-    def append_token(self, token_id: int) -> None:
-        self.all_token_ids.append(token_id)
 
     def sequence_id(self, branch: int) -> str:
         """The scheduler id of a branch: the request id for the prompt's branch (0)."""
