@@ -375,7 +375,3 @@ class SelectionStrategy(abc.ABC):
     def step(self, view: StepView) -> StepDecision:
         """Decides what happens after this step. Branch 0 is the prompt."""
         raise NotImplementedError(f"{type(self).__name__} is batchable: it has no step")
-
-
-DecodingStrategy = SelectionStrategy
-"""The name strategies were first written against."""

@@ -72,7 +72,7 @@ class Sampler:
         logits = self.process(logits, batch)
         if strategies is None:
             strategies = [registry.entry(row.params.selection).cls for row in batch.rows]
-        return _make_output(select(logits, batch, strategies), raw_logprobs,
+        return make_output(select(logits, batch, strategies), raw_logprobs,
                             batch.max_num_logprobs)
 
 
@@ -95,8 +95,9 @@ def select(logits: torch.Tensor, batch: SamplingBatch, strategies: list[type],
     return token_ids
 
 
-def _make_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None,
+def make_output(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None,
                  max_num_logprobs: int | None) -> SamplerOutput:
+    """The chosen tokens with their raw logprobs and top-n alternatives (when asked)."""
     if raw_logprobs is None or max_num_logprobs is None:
         return SamplerOutput(token_ids, None, None, None)
     logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)

@@ -18,7 +18,7 @@ from engine.pipeline.generation import Generation
 from engine.messages import RequestOutput, TokenLogprob
 from engine.pipeline.ports import StrategyPort
 from engine.core.request import Request, RequestStatus
-from engine.pipeline.sampler import Sampler, select
+from engine.pipeline.sampler import Sampler, make_output, select
 
 CAPTURE_FINAL_HIDDEN = Capture("final_hidden")
 """The LM-head input (final-norm hidden state) of a sampled row."""
@@ -111,9 +111,13 @@ class StrategyRunner:
         """Greedy / sampling: one vectorised call per strategy for all its rows."""
         if not index:
             return []
-        token_ids = select(processed, batch, [type(rows[i].generation.strategy)
-                                              for i in index], index).tolist()
-        logprobs = _logprobs(rows, index, token_ids, raw_logprobs, batch.max_num_logprobs)
+        chosen = select(processed, batch, [type(rows[i].generation.strategy) for i in index],
+                        index)
+        if raw_logprobs is not None and len(index) < len(rows):
+            raw_logprobs = raw_logprobs[torch.tensor(index, device=raw_logprobs.device)]
+        token_ids = chosen.tolist()
+        logprobs = _logprobs(rows, index, make_output(chosen, raw_logprobs,
+                                                      batch.max_num_logprobs))
         outputs = []
         for j, i in enumerate(index):
             seq, token = rows[i], token_ids[j]
@@ -247,23 +251,16 @@ class StrategyRunner:
         return self.port.emit(gen, best, None, None)
 
 
-def _logprobs(rows: list[Request], index: list[int], token_ids: list[int],
-              raw_logprobs: torch.Tensor | None, max_num: int | None
-              ) -> list[TokenLogprob | None]:
-    """Per selected row: the chosen token's logprob and the top-n, from the raw logits."""
-    if raw_logprobs is None or max_num is None:
+def _logprobs(rows: list[Request], index: list[int], out) -> list[TokenLogprob | None]:
+    """Per selected row: the chosen token's logprob and the top-n it asked for."""
+    if out.logprobs is None:
         return [None] * len(index)
-    rows_t = torch.tensor(index, dtype=torch.int64, device=raw_logprobs.device)
-    raw = raw_logprobs[rows_t]
-    chosen = raw.gather(1, torch.tensor(token_ids, device=raw.device)[:, None])[:, 0].tolist()
-    top_vals, top_ids = raw.topk(max_num, dim=-1)  # sorted, descending
-    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    out: list[TokenLogprob | None] = []
+    chosen, top_ids, top_vals = (out.logprobs.tolist(), out.top_logprob_ids.tolist(),
+                                 out.top_logprobs.tolist())
+    result: list[TokenLogprob | None] = []
     for j, i in enumerate(index):
         n = rows[i].generation.params.logprobs
-        if n is None:
-            out.append(None)
-            continue
         top = list(zip(top_ids[j][:n], top_vals[j][:n])) if n else []
-        out.append(TokenLogprob(token_id=token_ids[j], logprob=chosen[j], top=top))
-    return out
+        result.append(None if n is None else TokenLogprob(
+            token_id=int(out.token_ids[j]), logprob=chosen[j], top=top))
+    return result
