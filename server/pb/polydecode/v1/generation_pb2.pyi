@@ -64,14 +64,16 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class Prompt(_message.Message):
-    __slots__ = ("segments", "add_special_tokens", "messages")
+    __slots__ = ("segments", "add_special_tokens", "messages", "allow_special_tokens")
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     add_special_tokens: bool
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., add_special_tokens: _Optional[bool] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    allow_special_tokens: bool
+    def __init__(self, segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., add_special_tokens: _Optional[bool] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., allow_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class Greedy(_message.Message):
     __slots__ = ()
@@ -414,12 +416,14 @@ class AbortResponse(_message.Message):
     def __init__(self, aborted: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
-    __slots__ = ("text", "add_special_tokens")
+    __slots__ = ("text", "add_special_tokens", "allow_special_tokens")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
     add_special_tokens: bool
-    def __init__(self, text: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+    allow_special_tokens: bool
+    def __init__(self, text: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ..., allow_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class TokenizeResponse(_message.Message):
     __slots__ = ("token_ids", "tokens")
@@ -434,7 +438,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_stop_sequences", "max_stop_bytes", "max_top_logprobs", "max_parallel_members", "max_queued_requests", "max_queued_prompt_tokens")
+    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_stop_sequences", "max_stop_bytes", "max_top_logprobs", "max_parallel_members", "max_queued_requests", "max_queued_prompt_tokens", "max_prompt_bytes", "max_logit_bias", "max_stop_token_ids", "max_transforms")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -443,6 +447,10 @@ class Limits(_message.Message):
     MAX_PARALLEL_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROMPT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRANSFORMS_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     max_new_tokens: int
     max_stop_sequences: int
@@ -451,7 +459,11 @@ class Limits(_message.Message):
     max_parallel_members: int
     max_queued_requests: int
     max_queued_prompt_tokens: int
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_parallel_members: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_prompt_tokens: _Optional[int] = ...) -> None: ...
+    max_prompt_bytes: int
+    max_logit_bias: int
+    max_stop_token_ids: int
+    max_transforms: int
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_parallel_members: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_prompt_tokens: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_transforms: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model", "family", "max_context", "vocab_size", "eos_token_ids", "strategies", "constraints", "dtype", "kv_block_size", "limits", "transforms")

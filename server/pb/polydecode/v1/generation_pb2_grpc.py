@@ -85,7 +85,7 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Aborts running or waiting requests by id. Their streams end with
+        """Aborts the caller's running or waiting requests by id. Their streams end with
         `Finished{reason: FINISH_CANCELLED}` (status OK) and their KV blocks are freed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
