@@ -6,10 +6,16 @@
      "add_special_tokens": false}              # optional; default true
     {"messages": [{"role": "user", "content": ...}, ...]}
 
+either with an optional `"allow_special_tokens": true`. Without it, text that spells a special
+token (e.g. "<|im_end|>") in a text segment, a set member or a chat message is tokenized as plain
+text, so a client cannot forge conversation turns; control tokens then come only from token-id
+parts and from the chat template's own markup.
+
 plus the short forms `from_json` accepts: a plain string (one text segment, or one user turn
 with `chat`) and a list of token ids. The proto halves live with the modules that see protobuf
 (`server.convert`: proto -> Prompt, `server.client`: Prompt -> proto); `to_engine` turns a
-Prompt into what the engine takes, validating it with errors that name the proto field path.
+Prompt into what the engine takes (token ids only: the engine never tokenizes its text again),
+validating it with errors that name the proto field path.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class Prompt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     add_special_tokens: bool | None = None
     """None: the default, true (the first segment, when it is text, gets special tokens)."""
     messages: list[ChatMessage] = []
+    allow_special_tokens: bool | None = None
+    """None: the default, false (special token text is tokenized as plain text)."""
 
 
 def from_json(value: Any, chat: bool = False) -> Prompt:
@@ -83,6 +91,7 @@ def to_engine(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int,
             parallel sets outside [2, max_parallel_members] (no limit when None).
     """
     segments, messages = prompt.segments, prompt.messages
+    allow = bool(prompt.allow_special_tokens)
     _require(bool(segments) != bool(messages), "prompt",
              "exactly one of segments and messages must be non-empty")
     if messages:
@@ -90,13 +99,21 @@ def to_engine(prompt: Prompt, tokenizer: Tokenizer, vocab_size: int,
             _require(m.role in CHAT_ROLES, f"prompt.messages[{i}].role",
                      f"must be one of {', '.join(CHAT_ROLES)}")
         ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.content}
-                                             for m in messages])
+                                             for m in messages], split_special_tokens=not allow)
         return ids, len(ids)
-    parts = [_part(segment, f"prompt.segments[{i}]", vocab_size, max_parallel_members)
-             for i, segment in enumerate(segments)]
+
+    def encode(text: str, add_special_tokens: bool) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens, split_special_tokens=not allow)
+
     special = True if prompt.add_special_tokens is None else prompt.add_special_tokens
+    # Text is tokenized here, as `prompt_layout` would (the first segment with special tokens,
+    # everything else without), so that the engine, which would tokenize it with the default
+    # (special tokens matched), only ever sees token ids.
+    parts = [_tokenized(_part(segment, f"prompt.segments[{i}]", vocab_size,
+                              max_parallel_members), encode, i == 0 and special)
+             for i, segment in enumerate(segments)]
     structured = StructuredPrompt(segments=parts, add_special_tokens=special)
-    ids = prompt_layout(structured, tokenizer.encode).token_ids
+    ids = prompt_layout(structured, encode).token_ids
     _require(bool(ids), "prompt", "must contain at least one token")
     if not any(isinstance(part, Parallel) for part in parts):
         return ids, len(ids)
@@ -117,6 +134,15 @@ def _part(segment: Segment, field: str, vocab_size: int, max_members: int | None
     if segment.parallel is not None:
         return _parallel(segment.parallel, f"{field}.parallel", vocab_size, max_members)
     raise InvalidArgument(field, "must set one of text, tokens, parallel")
+
+
+def _tokenized(part, encode, add_special_tokens: bool):
+    """`part` with its text (the part's or its members') replaced by token ids."""
+    if isinstance(part, str):
+        return encode(part, add_special_tokens)
+    if isinstance(part, Parallel):
+        return Parallel(members=[_tokenized(m, encode, False) for m in part.members])
+    return part
 
 
 def _check_token_ids(ids: list[int], field: str, vocab_size: int) -> None:
