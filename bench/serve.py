@@ -19,7 +19,7 @@ sets the TTFT target: TTFT p99 at concurrency 8 within 2x of it.
 
     python bench/serve.py [--server HOST:PORT] [--concurrency 1,8,32] [--num-prompts N]
                           [--max-new-tokens 64] [--threads 2] [--dtype float32]
-                          [--skip-offline] [--plot]
+                          [--skip-offline] [--plot] [--tls-ca PEM] [--api-key KEY]
 
 Without `--server` it starts `python -m server serve` on a free local port, waits for the
 readiness health check, and stops it with SIGTERM at the end. Prints one JSON line on stdout;
@@ -52,6 +52,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from bench.common import emit, machine  # noqa: E402
 from bench.shapes import THROUGHPUT, random_prompts  # noqa: E402
+from server.auth import client_channel  # noqa: E402
+from server.cli import add_client_security_args  # noqa: E402
 from server.pb.polydecode.v1 import generation_pb2 as pb  # noqa: E402
 from server.pb.polydecode.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -261,6 +263,7 @@ def server_command(args, port: int, max_num_seqs: int) -> list[str]:
     cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--threads", str(args.threads), "--dtype", args.dtype,
            "--quantization", args.quantization, "--max-num-seqs", str(max_num_seqs)]
+    cmd += ["--api-key", args.api_key] if args.api_key else []  # measured with the key check
     return cmd + (["--model", args.model] if args.model else [])
 
 
@@ -348,7 +351,7 @@ async def model_info(stub) -> dict:
 async def load_test(args, address: str, levels: list[tuple[int, list[list[int]]]],
                     server: ServerProcess | None) -> tuple[dict, list[dict]]:
     run_id = uuid.uuid4().hex[:8]
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with client_channel(address, args) as channel:
         ready_s = await wait_ready(channel, server, args.startup_timeout)
         log(f"[server] SERVING at {address} after {ready_s:.1f}s of polling")
         stub = pb_grpc.GenerationStub(channel)
@@ -459,6 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--startup-timeout", type=float, default=300.0, help="seconds")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     ap.add_argument("--plot", action="store_true", help="write bench/results/serve.png")
+    add_client_security_args(ap)  # for --server: a secured server's TLS and API key
     args = ap.parse_args(argv)
     args.levels = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
     if not args.levels or min(args.levels) < 1:

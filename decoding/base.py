@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, ClassVar, NamedTuple
 
 import msgspec
@@ -245,9 +246,17 @@ def _make_edit(edits: list[tuple[int, int, float]], device) -> SparseLogitEdit |
 
 
 def _gather_logit_bias(rows: Sequence[SamplingRow], device) -> SparseLogitEdit | None:
-    edits = [(i, token_id, bias) for i, row in enumerate(rows)
-             for token_id, bias in row.params.logit_bias.items()]
-    return _make_edit(edits, device)
+    """Every row's bias as one edit, built without a Python loop over the entries."""
+    biased = [(i, row.params.logit_bias) for i, row in enumerate(rows) if row.params.logit_bias]
+    if not biased:
+        return None
+    counts = torch.tensor([len(bias) for _, bias in biased])
+    row_ids = torch.tensor([i for i, _ in biased]).repeat_interleave(counts)
+    token_ids = list(chain.from_iterable(bias.keys() for _, bias in biased))
+    values = list(chain.from_iterable(bias.values() for _, bias in biased))
+    return SparseLogitEdit(row_ids.to(device),
+                           torch.tensor(token_ids, dtype=torch.int64, device=device),
+                           torch.tensor(values, dtype=torch.float32, device=device))
 
 
 def _gather_min_tokens_mask(rows: Sequence[SamplingRow], device) -> SparseLogitEdit | None:

@@ -1,5 +1,9 @@
 """The gRPC server: Generation service, grpc.health.v1, reflection, metrics, drain on SIGTERM.
 
+Every call passes the API-key check and the malformed-request guard (`server.interceptors`);
+the port speaks TLS when the config has a certificate, and binding a busy port fails (no
+SO_REUSEPORT).
+
 Health ("" and "polydecode.v1.Generation") reads NOT_SERVING until the model is loaded and
 warmed up, and again from the moment a drain starts or the engine fails.
 """
@@ -19,14 +23,16 @@ from grpc_reflection.v1alpha import reflection
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import Engine
+from server.auth import Principals, server_credentials
 from server.config import ServerConfig
 from server.engine_client import EngineClient
+from server.interceptors import ApiKeyAuth, MalformedRequests
 from server.metrics import Metrics
 from server.servicer import SERVICE_NAME, add_generation_service
 
 log = logging.getLogger("polydecode.server")
 
-_MAX_MESSAGE_BYTES = 16 << 20
+_MAX_REPLY_BYTES = 16 << 20
 
 
 class GenerationServer:
@@ -40,14 +46,23 @@ class GenerationServer:
                                    engine_future=engine_future)
         self.metrics = Metrics(lambda: self.client.front.load() if self.client.front else None)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
-        add_generation_service(self.server, self.client, self.metrics, config.limits)
+        security = config.security
+        self.principals = Principals(security.api_keys)
+        open_services = (health.SERVICE_NAME,) if security.open_health else ()
+        self.server = grpc.aio.server(
+            interceptors=[ApiKeyAuth(self.principals, open_services), MalformedRequests()],
+            options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                     ("grpc.max_send_message_length", _MAX_REPLY_BYTES),
+                     ("grpc.so_reuseport", 0)])
+        self.servicer = add_generation_service(self.server, self.client, self.metrics, config,
+                                               self.principals)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if security.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address, credentials = f"{config.host}:{config.port}", server_credentials(security)
+        self.port = (self.server.add_secure_port(address, credentials) if credentials
+                     else self.server.add_insecure_port(address))
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stopped = asyncio.Event()
 
@@ -65,8 +80,13 @@ class GenerationServer:
         log.info("listening on %s:%d; loading %s", self.config.host, self.port,
                  self.client.config.model.model)
         if self.config.metrics_port is not None:
-            self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self.metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
         await self.client.start(warmup=self.config.warmup)
+        await asyncio.to_thread(self.servicer.prepare)
+        prompt_bytes = self.servicer.ctx.max_prompt_bytes
+        if prompt_bytes > self.config.max_message_bytes:
+            log.warning("max prompt bytes %d > max message bytes %d: the transport refuses "
+                        "prompts in between", prompt_bytes, self.config.max_message_bytes)
         await self._set_health(True)
         log.info("serving on %s:%d", self.config.host, self.port)
 
@@ -87,6 +107,7 @@ class GenerationServer:
     async def stop(self, grace: float | None = 0) -> None:
         await self.server.stop(grace)
         await asyncio.to_thread(self.client.shutdown)
+        self.servicer.close()
         self.stopped.set()
 
 

@@ -77,6 +77,23 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics over HTTP on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="interface of the metrics endpoint (independent of --host)")
+    s = p.add_argument_group("security (see README, Security)")
+    s.add_argument("--tls-cert", default=None, metavar="PEM", help="server certificate chain")
+    s.add_argument("--tls-key", default=None, metavar="PEM", help="server private key")
+    s.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                   help="mutual TLS: require client certificates signed by this CA")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept 'authorization: Bearer KEY' (repeatable); with any key, calls "
+                        "without one get UNAUTHENTICATED")
+    s.add_argument("--api-keys-file", action="append", default=[], metavar="PATH",
+                   help="API keys, one 'PRINCIPAL KEY' (or 'KEY') per line")
+    s.add_argument("--open-health", action="store_true",
+                   help="health checks answer without an API key")
+    s.add_argument("--no-reflection", action="store_true", help="turn server reflection off")
+    s.add_argument("--tokenizer-threads", type=int, default=2,
+                   help="threads that tokenize prompts, off the event loop")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run after SIGTERM")
     p.add_argument("--max-queued-requests", type=int, default=1024,
@@ -84,10 +101,32 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-prompt-tokens", type=int, default=1 << 20,
                    help="waiting-queue cap in prompt tokens")
     p.add_argument("--max-prompt-tokens", type=int, default=None)
+    p.add_argument("--max-prompt-bytes", type=int, default=None,
+                   help="UTF-8 bytes of a prompt's text, checked before tokenizing (default: "
+                        "prompt token limit x the longest vocabulary entry)")
+    p.add_argument("--max-logit-bias", type=int, default=300,
+                   help="entries a request's logit_bias may have")
+    p.add_argument("--max-message-bytes", type=int, default=4 << 20,
+                   help="largest request message; bigger ones are refused unread "
+                        "(RESOURCE_EXHAUSTED)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="largest stopping.max_new_tokens a request may ask for")
     p.add_argument("--max-stop-sequences", type=int, default=8)
     p.add_argument("--max-top-logprobs", type=int, default=20)
+
+
+def add_client_security_args(p: argparse.ArgumentParser) -> None:
+    """How a client reaches a secured server (`generate --server`, bench/serve.py)."""
+    s = p.add_argument_group("connecting to a secured server")
+    s.add_argument("--tls", action="store_true",
+                   help="connect over TLS, trusting the system's root certificates")
+    s.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="connect over TLS, trusting this CA (e.g. a self-signed server cert)")
+    s.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="client certificate, for mutual TLS")
+    s.add_argument("--tls-key", default=None, metavar="PEM", help="client private key")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="sent as 'authorization: Bearer KEY' (default: $POLYDECODE_API_KEY)")
 
 
 def _add_plugin_arg(p: argparse.ArgumentParser) -> None:
@@ -127,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON line per prompt")
     p.add_argument("--server", default=None, metavar="ADDR",
                    help="generate through a running server (host:port) instead of offline")
+    add_client_security_args(p)
     p = sub.add_parser("serve", help="serve the model over gRPC")
     _add_model_args(p)
     _add_serve_args(p)
@@ -173,18 +213,30 @@ def _generate_remote(args) -> int:
 
 def _serve(args) -> int:
     from server.app import run
-    from server.config import Limits, ServerConfig
+    from server.auth import load_api_keys
+    from server.config import Limits, Security, ServerConfig
 
     engine_config = make_engine_config(args)
     scheduler = msgspec.structs.replace(
         engine_config.scheduler, max_waiting_requests=args.max_queued_requests,
         max_waiting_tokens=args.max_queued_prompt_tokens)
-    config = ServerConfig(
-        host=args.host, port=args.port, metrics_port=args.metrics_port,
-        drain_timeout_s=args.drain_timeout, limits=Limits(
-            max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-            max_stop_sequences=args.max_stop_sequences,
-            max_top_logprobs=args.max_top_logprobs))
+    try:
+        security = Security(
+            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+            api_keys=load_api_keys(args.api_key, args.api_keys_file),
+            open_health=args.open_health, reflection=not args.no_reflection)
+        config = ServerConfig(
+            host=args.host, port=args.port, metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host, drain_timeout_s=args.drain_timeout,
+            tokenizer_threads=args.tokenizer_threads, max_message_bytes=args.max_message_bytes,
+            security=security, limits=Limits(
+                max_prompt_tokens=args.max_prompt_tokens,
+                max_prompt_bytes=args.max_prompt_bytes, max_new_tokens=args.max_new_tokens,
+                max_stop_sequences=args.max_stop_sequences,
+                max_top_logprobs=args.max_top_logprobs, max_logit_bias=args.max_logit_bias))
+    except (OSError, ValueError) as exc:
+        print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
+        return 2
     return run(msgspec.structs.replace(engine_config, scheduler=scheduler), config)
 
 

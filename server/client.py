@@ -16,6 +16,7 @@ from google.protobuf import json_format
 
 from decoding import registry
 from server import prompts
+from server.auth import client_channel
 from server.pb import pb, pb_grpc
 
 FINISH_NAMES = {pb.FINISH_EOS: "stop", pb.FINISH_STOP_SEQUENCE: "stop",
@@ -42,6 +43,8 @@ def build_prompt(prompt: prompts.Prompt) -> pb.Prompt:
         pb.ChatMessage(role=m.role, content=m.content) for m in prompt.messages])
     if prompt.add_special_tokens is not None:
         out.add_special_tokens = prompt.add_special_tokens
+    if prompt.allow_special_tokens is not None:
+        out.allow_special_tokens = prompt.allow_special_tokens
     return out
 
 
@@ -124,8 +127,9 @@ async def _one(stub, request: pb.GenerateRequest, echo: bool) -> dict:
     return result
 
 
-async def _run(address: str, requests: list[pb.GenerateRequest], as_json: bool) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def _run(args, requests: list[pb.GenerateRequest]) -> None:
+    as_json = args.json
+    async with client_channel(args.server, args) as channel:
         stub = pb_grpc.GenerationStub(channel)
         echo = len(requests) == 1 and not as_json
         results = await asyncio.gather(*(_one(stub, r, echo) for r in requests))
@@ -141,7 +145,7 @@ def generate_remote(args, prompt_list: list[prompts.Prompt], params) -> int:
     returns the exit status."""
     requests = [build_request(args, p, params) for p in prompt_list]
     try:
-        asyncio.run(_run(args.server, requests, args.json))
+        asyncio.run(_run(args, requests))
     except grpc.aio.AioRpcError as exc:
         print(f"polydecode: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1

@@ -52,10 +52,17 @@ class Context(msgspec.Struct, frozen=True, kw_only=True):
     vocab_size: int
     max_model_len: int
     limits: Limits
+    max_token_bytes: int = 1
+    """UTF-8 bytes of the longest vocabulary entry (`longest_token_bytes`)."""
 
     @property
     def max_prompt_tokens(self) -> int:
         return min(self.limits.max_prompt_tokens or self.max_model_len, self.max_model_len - 1)
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """No text of more bytes can tokenize to at most `max_prompt_tokens` tokens."""
+        return self.limits.max_prompt_bytes or self.max_prompt_tokens * self.max_token_bytes
 
     @property
     def max_new_tokens(self) -> int:
@@ -65,6 +72,65 @@ class Context(msgspec.Struct, frozen=True, kw_only=True):
 def _require(ok: bool, field: str, reason: str) -> None:
     if not ok:
         raise InvalidArgument(field, reason)
+
+
+def longest_token_bytes(tokenizer: Tokenizer) -> int:
+    """UTF-8 bytes of the longest decoded vocabulary entry (special tokens included; a partial
+    UTF-8 byte decodes to U+FFFD, 3 bytes, which only loosens the bound). At least 4: one
+    character of a tokenizer without byte fallback may become one unknown token."""
+    texts = tokenizer.hf.batch_decode([[i] for i in range(tokenizer.vocab_size)])
+    return max(4, max(len(text.encode()) for text in texts))
+
+
+# ---- size checks that run before anything is tokenized (cheap: on the event loop) --------------
+
+def _string_bytes(field_size: int) -> int:
+    """The payload n of a string field (one-byte tag) that serializes to `field_size` bytes:
+    field_size = 1 + len(varint(n)) + n. Lets a size be read without copying the string."""
+    n = max(field_size - 2, 0)
+    while n > 0 and n + 1 + max(1, (n.bit_length() + 6) // 7) > field_size:
+        n -= 1
+    return n
+
+
+def _text_bytes(prompt: pb.Prompt) -> int:
+    """UTF-8 bytes of all the text of `prompt`, from serialized sizes: a hostile prompt is
+    measured without being copied."""
+    total = 0
+    for segment in prompt.segments:
+        kind = segment.WhichOneof("kind")
+        if kind == "text":
+            total += _string_bytes(segment.ByteSize())
+        elif kind == "parallel":
+            total += sum(_string_bytes(m.ByteSize()) for m in segment.parallel.members
+                         if m.WhichOneof("value") == "text")
+    for message in prompt.messages:
+        role = len(message.role.encode()) if message.role else 0
+        role_field = 1 + max(1, (role.bit_length() + 6) // 7) + role if role else 0
+        total += role + _string_bytes(message.ByteSize() - role_field)
+    return total
+
+
+def check_prompt_bytes(prompt: pb.Prompt, ctx: Context) -> None:
+    """Raises InvalidArgument ("prompt") when the prompt's text is over `max_prompt_bytes`."""
+    check_size(_text_bytes(prompt), "prompt", ctx)
+
+
+def check_text_bytes(text: str, field: str, ctx: Context) -> None:
+    check_size(len(text.encode()), field, ctx)
+
+
+def check_size(num_bytes: int, field: str, ctx: Context) -> None:
+    _require(num_bytes <= ctx.max_prompt_bytes, field,
+             f"{num_bytes} bytes of text; at most {ctx.max_prompt_bytes} allowed")
+
+
+def tokenize(msg: pb.TokenizeRequest, tokenizer: Tokenizer) -> pb.TokenizeResponse:
+    """The Tokenize RPC's answer: the text tokenized as a prompt's first text segment."""
+    special = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
+    ids = tokenizer.encode(msg.text, add_special_tokens=special,
+                           split_special_tokens=not msg.allow_special_tokens)
+    return pb.TokenizeResponse(token_ids=ids, tokens=tokenizer.hf.convert_ids_to_tokens(ids))
 
 
 # ---- request -----------------------------------------------------------------------------------
@@ -86,6 +152,12 @@ def to_submission(msg: pb.GenerateRequest, ctx: Context, request_id: str | None 
              f"must be at most {ctx.max_new_tokens}")
     _require(response.top_logprobs <= limits.max_top_logprobs, "response.top_logprobs",
              f"must be at most {limits.max_top_logprobs}")
+    _require(len(stopping.stop_token_ids) <= limits.max_stop_token_ids,
+             "stopping.stop_token_ids", f"at most {limits.max_stop_token_ids} allowed")
+    _require(len(msg.penalties.logit_bias) <= limits.max_logit_bias, "penalties.logit_bias",
+             f"at most {limits.max_logit_bias} entries allowed")
+    _require(len(msg.transforms) <= limits.max_transforms, "transforms",
+             f"at most {limits.max_transforms} allowed")
     prompt, num_tokens = prompts.to_engine(prompt_form(msg.prompt), ctx.tokenizer,
                                            ctx.vocab_size, limits.max_parallel_members)
     _require(num_tokens <= ctx.max_prompt_tokens, "prompt",
@@ -125,7 +197,9 @@ def prompt_form(prompt: pb.Prompt) -> prompts.Prompt:
         segments=[_segment_form(s) for s in prompt.segments],
         add_special_tokens=prompt.add_special_tokens
         if prompt.HasField("add_special_tokens") else None,
-        messages=[prompts.ChatMessage(role=m.role, content=m.content) for m in prompt.messages])
+        messages=[prompts.ChatMessage(role=m.role, content=m.content) for m in prompt.messages],
+        allow_special_tokens=prompt.allow_special_tokens
+        if prompt.HasField("allow_special_tokens") else None)
 
 
 def _segment_form(segment: pb.Segment) -> prompts.Segment:
@@ -168,6 +242,9 @@ def _strategy(decoding: pb.DecodingStrategy):
         fields = json_format.MessageToDict(plugin.params)
     else:
         name, path, fields = kind, f"decoding.{kind}", _fields(getattr(decoding, kind))
+    if name == "sampling":  # the proto's rule; SamplingParams reads 0 as greedy
+        _require(fields.get("temperature", 1.0) > 0, f"{path}.temperature",
+                 "must be > 0 (use decoding.greedy for argmax)")
     params = registry.parse_params(name, fields, "strategy", path)
     if name == "sampling":  # NaN / inf travel in floats; name the field
         for key, value in msgspec.structs.asdict(params).items():
@@ -290,4 +367,7 @@ def model_info(engine, ctx: Context) -> pb.ModelInfo:
             max_top_logprobs=limits.max_top_logprobs,
             max_parallel_members=limits.max_parallel_members,
             max_queued_requests=cfg.scheduler.max_waiting_requests,
-            max_queued_prompt_tokens=cfg.scheduler.max_waiting_tokens))
+            max_queued_prompt_tokens=cfg.scheduler.max_waiting_tokens,
+            max_prompt_bytes=ctx.max_prompt_bytes, max_logit_bias=limits.max_logit_bias,
+            max_stop_token_ids=limits.max_stop_token_ids,
+            max_transforms=limits.max_transforms))

@@ -4,6 +4,10 @@ Every accepted request is a `Tracked` stream. Leaving it early (client cancel, g
 an error while writing) closes it, which aborts the request on the engine thread and frees its
 KV blocks. A soft `time_limit_s` and the call's deadline are enforced by timers on the event
 loop that abort the request; the stream then ends with the engine's final "abort" output.
+
+Requests belong to the principal that submitted them. The id a client sees (its own, or one
+drawn for it) names the request within its principal only: the engine runs it under a fresh
+unguessable id, so no caller can abort, or learn of, another principal's request.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +25,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.messages import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.errors import InvalidArgument
 from server.convert import Submission
 from server.errors import Unavailable
 
@@ -31,9 +37,13 @@ WARMUP_PROMPT = "Hello"
 class Tracked:
     """One admitted request: its engine stream plus the server-side clock."""
 
-    def __init__(self, client: EngineClient, sub: Submission, stream: RequestStream) -> None:
+    def __init__(self, client: EngineClient, sub: Submission, stream: RequestStream,
+                 owner: tuple[str, str]) -> None:
         self.sub = sub
-        self.req_id = stream.req_id
+        self.owner = owner
+        """(principal, the request id its client sees)."""
+        self.req_id = owner[1]
+        self.engine_id = stream.req_id
         self.num_prompt_tokens = stream.num_prompt_tokens
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
@@ -54,11 +64,11 @@ class Tracked:
     def _time_limit(self) -> None:
         if not self._stream.finished:
             self.time_limited = True
-            self._client.front.abort(self.req_id)
+            self._client.front.abort(self.engine_id)
 
     def _deadline(self) -> None:
         if not self._stream.finished:
-            self._client.front.abort(self.req_id)
+            self._client.front.abort(self.engine_id)
 
     def __aiter__(self) -> Tracked:
         return self
@@ -78,7 +88,7 @@ class Tracked:
         for timer in self._timers:
             timer.cancel()
         await self._stream.aclose()
-        self._client._release()
+        self._client._release(self)
 
     def elapsed_ms(self, since: float | None = None) -> float:
         end = since if since is not None else time.monotonic()
@@ -100,7 +110,8 @@ class EngineClient:
         self.ready = False
         self.draining = False
         self._on_engine_error = on_engine_error
-        self._inflight = 0
+        self._owned: dict[tuple[str, str], Tracked] = {}
+        """(principal, client-visible id) -> its open request."""
         self._idle: asyncio.Event | None = None
 
     @property
@@ -130,25 +141,36 @@ class EngineClient:
         if not self.ready:
             raise Unavailable("model is loading")
 
-    def submit(self, sub: Submission, deadline_s: float | None = None) -> Tracked:
-        """Admits a converted request (raises InvalidArgument / ResourceExhausted /
-        Unavailable); the caller must exhaust or close the returned stream."""
+    def submit(self, sub: Submission, principal: str,
+               deadline_s: float | None = None) -> Tracked:
+        """Admits a converted request of `principal` (raises InvalidArgument: its id is
+        already running for that principal, ResourceExhausted, Unavailable); the caller must
+        exhaust or close the returned stream."""
         self.check_accepting()
-        stream = self.front.submit(sub.prompt, sub.params,
-                                   sub.request_id or uuid.uuid4().hex, extra_key=sub.extra_key)
-        tracked = Tracked(self, sub, stream)
-        self._inflight += 1
+        owner = (principal, sub.request_id or secrets.token_hex(16))
+        if owner in self._owned:
+            raise InvalidArgument("request_id", f"{owner[1]!r} is already running")
+        stream = self.front.submit(sub.prompt, sub.params, secrets.token_hex(16),
+                                   extra_key=sub.extra_key)
+        tracked = Tracked(self, sub, stream, owner)
+        self._owned[owner] = tracked
         self._idle.clear()
         tracked.arm(deadline_s)
         return tracked
 
-    def _release(self) -> None:
-        self._inflight -= 1
-        if self._inflight == 0:
+    def _release(self, tracked: Tracked) -> None:
+        if self._owned.get(tracked.owner) is tracked:
+            del self._owned[tracked.owner]
+        if not self._owned:
             self._idle.set()
 
-    def abort(self, req_ids) -> int:
-        return sum(self.front.abort(r) for r in req_ids) if self.front else 0
+    def abort(self, principal: str, req_ids) -> int:
+        """Aborts `principal`'s running or waiting requests among `req_ids`; returns how many
+        distinct ones were found (other principals' ids are unknown here)."""
+        if self.front is None:
+            return 0
+        found = [self._owned.get((principal, r)) for r in dict.fromkeys(req_ids)]
+        return sum(self.front.abort(t.engine_id) for t in found if t is not None)
 
     async def drain(self, timeout_s: float) -> int:
         """Refuses new requests, waits up to `timeout_s` for in-flight ones, aborts the rest.
@@ -167,7 +189,7 @@ class EngineClient:
             try:
                 await asyncio.wait_for(self._idle.wait(), 5.0)
             except asyncio.TimeoutError:
-                log.error("%d requests still open after abort", self._inflight)
+                log.error("%d requests still open after abort", len(self._owned))
             return aborted
 
     def shutdown(self) -> None:

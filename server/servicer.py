@@ -2,18 +2,26 @@
 
 Errors of every kind go through `server.errors.abort_with`; client cancellation and deadlines
 surface as task cancellation, which closes the request's stream (abort, KV freed).
+
+Nothing that grows with the request runs on the event loop: prompt sizes are checked in bytes
+first, then tokenization and chat templating run on a small thread pool (at most
+`max_pending_prompts` waiting for it), so a large prompt cannot stall health checks or other
+streams. Requests belong to the caller's principal (`server.auth`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from contextlib import aclosing, asynccontextmanager
 
 import grpc
 
 from server import convert
+from server.auth import Principals
+from server.config import ServerConfig
 from server.engine_client import EngineClient, Tracked
-from server.errors import Unavailable, abort_with, status_of
+from server.errors import ResourceExhausted, Unavailable, abort_with, status_of
 from server.metrics import Metrics, RequestTimer
 from server.pb import pb, pb_grpc
 
@@ -21,30 +29,65 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 def add_generation_service(server: grpc.aio.Server, client: EngineClient, metrics: Metrics,
-                           limits) -> None:
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(client, metrics, limits), server)
+                           config: ServerConfig, principals: Principals) -> GenerationServicer:
+    servicer = GenerationServicer(client, metrics, config, principals)
+    pb_grpc.add_GenerationServicer_to_server(servicer, server)
+    return servicer
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, client: EngineClient, metrics: Metrics, limits) -> None:
+    def __init__(self, client: EngineClient, metrics: Metrics, config: ServerConfig,
+                 principals: Principals) -> None:
         self.client = client
         self.metrics = metrics
-        self.limits = limits
+        self.limits = config.limits
+        self.principals = principals
         self._ctx: convert.Context | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            config.tokenizer_threads, thread_name_prefix="polydecode-tokenize")
+        self._max_pending = config.max_pending_prompts
+        self._pending = 0
+
+    def prepare(self) -> None:
+        """Builds the conversion context once the engine is loaded (reads the vocabulary: call
+        it off the event loop)."""
+        engine = self.client.engine
+        self._ctx = convert.Context(
+            tokenizer=engine.tokenizer, vocab_size=engine.vocab_size,
+            max_model_len=engine.max_model_len, limits=self.limits,
+            max_token_bytes=convert.longest_token_bytes(engine.tokenizer))
 
     @property
     def ctx(self) -> convert.Context:
         if self._ctx is None:
-            engine = self.client.engine
-            self._ctx = convert.Context(tokenizer=engine.tokenizer, vocab_size=engine.vocab_size,
-                                        max_model_len=engine.max_model_len, limits=self.limits)
+            self.prepare()
         return self._ctx
 
-    def _admit(self, request: pb.GenerateRequest, context) -> Tracked:
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _off_loop(self, fn, *args):
+        """`fn(*args)` on the tokenizer pool; RESOURCE_EXHAUSTED when too many wait for it."""
+        if self._pending >= self._max_pending:
+            raise ResourceExhausted(f"{self._pending} prompts are waiting to be tokenized; "
+                                    f"retry later")
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self._pending -= 1
+
+    def _principal(self, context) -> str:
+        # The ApiKeyAuth interceptor already refused calls without a known key.
+        return self.principals.of(context.invocation_metadata())
+
+    async def _admit(self, request: pb.GenerateRequest, context) -> Tracked:
         self.client.check_accepting()
+        ctx = self.ctx
+        convert.check_prompt_bytes(request.prompt, ctx)
         header_id = dict(context.invocation_metadata() or ()).get("x-request-id")
-        sub = convert.to_submission(request, self.ctx, header_id)
-        return self.client.submit(sub, context.time_remaining())
+        sub = await self._off_loop(convert.to_submission, request, ctx, header_id)
+        return self.client.submit(sub, self._principal(context), context.time_remaining())
 
     async def _events(self, tracked: Tracked):
         """Started, then the Delta/Finished events of one admitted request."""
@@ -78,7 +121,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             yield
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            remaining = context.time_remaining()
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None \
+                and remaining <= 0 else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # noqa: BLE001
             code = status_of(exc)[0]
@@ -88,14 +133,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def GenerateStream(self, request, context):
         async with self._generation_rpc(context):
-            async with aclosing(self._admit(request, context)) as tracked:
+            async with aclosing(await self._admit(request, context)) as tracked:
                 async for event in self._events(tracked):
                     yield event
 
     async def Generate(self, request, context):
         result = pb.GenerateResult()
         async with self._generation_rpc(context):
-            async with aclosing(self._admit(request, context)) as tracked:
+            async with aclosing(await self._admit(request, context)) as tracked:
                 result.request_id = tracked.req_id
                 async for event in self._events(tracked):
                     kind = event.WhichOneof("event")
@@ -109,16 +154,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             return result
 
     async def Abort(self, request, context):
-        return pb.AbortResponse(aborted=self.client.abort(request.request_ids))
+        return pb.AbortResponse(aborted=self.client.abort(self._principal(context),
+                                                          request.request_ids))
 
     async def Tokenize(self, request, context):
         try:
             self.client.check_accepting()
-            special = request.add_special_tokens if request.HasField("add_special_tokens") \
-                else True
-            hf = self.ctx.tokenizer.hf
-            ids = self.ctx.tokenizer.encode(request.text, add_special_tokens=special)
-            return pb.TokenizeResponse(token_ids=ids, tokens=hf.convert_ids_to_tokens(ids))
+            ctx = self.ctx
+            convert.check_text_bytes(request.text, "text", ctx)
+            return await self._off_loop(convert.tokenize, request, ctx.tokenizer)
         except Exception as exc:  # noqa: BLE001
             await abort_with(context, exc)
 
