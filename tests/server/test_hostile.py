@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engine.tokenizer import Tokenizer
 from server import prompts
@@ -278,10 +279,10 @@ def test_mutual_tls_round_trip(secured):
         async with secured.channel() as channel:
             result = await pb_grpc.GenerationStub(channel).Generate(
                 text_request("The capital of France is", 4), metadata=key(ALICE))
-            reflection = channel.stream_stream(
-                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
             with pytest.raises(grpc.aio.AioRpcError) as no_reflection:
-                async for _ in reflection(iter([b""]), metadata=key(ALICE)):
+                async for _ in reflection.ServerReflectionInfo(iter([ask]), metadata=key(ALICE)):
                     pass
         failures = []
         for channel in (grpc.aio.insecure_channel(f"127.0.0.1:{secured.port}"),
