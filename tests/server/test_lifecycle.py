@@ -89,9 +89,13 @@ def test_drain_timeout_aborts_the_rest(model_dir):
 def test_queue_overflow_answers_resource_exhausted(model_dir):
     harness = start_server(model_dir, max_num_seqs=1, max_waiting_requests=2)
     try:
-        calls = [harness.stub.GenerateStream(_long_request(f"q{i}")) for i in range(3)]
-        for call in calls:
-            next(iter(call))  # started: admitted (1 running + 2 waiting)
+        calls = []
+        for i in range(3):  # one by one: admissions run concurrently on the tokenizer pool
+            calls.append(harness.stub.GenerateStream(_long_request(f"q{i}")))
+            next(iter(calls[-1]))  # started: admitted
+            deadline = time.monotonic() + 10
+            while harness.load().running == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # q0 runs; the others wait (1 running + 2 waiting)
         with pytest.raises(grpc.RpcError) as err:
             harness.stub.Generate(text_request("one too many", 4))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
