@@ -179,10 +179,3 @@ class Datastore:
             dists = np.einsum("bkd,bkd->bk", diff, diff)
         dists = np.where(found, dists, np.inf).astype(np.float32)
         return dists, np.asarray(self.values[safe], dtype=np.int64) * found
-
-
-def describe(path: Path) -> dict:
-    """What `GetModelInfo` and the CLI show of a store."""
-    meta = read_meta(path)
-    return {"keys": meta.count, "dim": meta.dim, "index": meta.index.kind,
-            "key_kind": meta.key_kind, "model": meta.model}
