@@ -192,10 +192,3 @@ class Datastore:
             diff = flat.reshape(*block.shape, -1) - queries[start:start + rows, None, :]
             dists[start:start + rows] = np.einsum("bkd,bkd->bk", diff, diff)
         return dists
-
-
-def describe(path: Path) -> dict:
-    """What `GetModelInfo` and the CLI show of a store."""
-    meta = read_meta(path)
-    return {"keys": meta.count, "dim": meta.dim, "index": meta.index.kind,
-            "key_kind": meta.key_kind, "model": meta.model}

@@ -96,23 +96,20 @@ def _with_key(details: grpc.aio.ClientCallDetails, metadatum) -> grpc.aio.Client
                                       details.credentials, details.wait_for_ready)
 
 
-# grpc.aio files each interceptor under the first call kind it implements: one class per kind.
-class _UnaryKey(grpc.aio.UnaryUnaryClientInterceptor):
-    """Adds `authorization: Bearer <key>` to every unary call of a channel."""
+class _Key:
+    """Adds `authorization: Bearer <key>` to every call of a channel."""
 
     def __init__(self, api_key: str) -> None:
         self.metadatum = ("authorization", f"Bearer {api_key}")
 
+
+# grpc.aio files each interceptor under the first call kind it implements: one class per kind.
+class _UnaryKey(_Key, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(_with_key(details, self.metadatum), request)
 
 
-class _StreamKey(grpc.aio.UnaryStreamClientInterceptor):
-    """The same for server-streaming calls."""
-
-    def __init__(self, api_key: str) -> None:
-        self.metadatum = ("authorization", f"Bearer {api_key}")
-
+class _StreamKey(_Key, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(_with_key(details, self.metadatum), request)
 
