@@ -190,14 +190,16 @@ class Traffic:
             "huge_text": lambda: setattr(p, "text", " ".join(TEXTS) * 400),  # ~50k tokens
             "token_over_vocab": lambda: p.tokens.ids.extend([vocab]),
             "priority": lambda: setattr(req, "priority", 1),
-            "knn_lm": lambda: setattr(d.knn_lm, "k", 4),
+            "knn_lm": lambda: setattr(req.knn_lm, "datastore", "no-such-datastore"),
             "constraint": lambda: setattr(req.constraint, "regex", "[a-z]+"),
         }
         if kv:  # within the prompt limit, not the KV cache: it could never be scheduled
             cases["prompt_over_kv"] = lambda: p.tokens.ids.extend([100] * (kv + 16))
         case = self.rng.choice(sorted(cases))
         cases[case]()
-        unimplemented = case in ("priority", "knn_lm", "constraint")
+        if case == "knn_lm":
+            return case, req, "NOT_FOUND"
+        unimplemented = case in ("priority", "constraint")
         return case, req, "UNIMPLEMENTED" if unimplemented else "INVALID_ARGUMENT"
 
     def raw(self) -> tuple[str, bytes]:

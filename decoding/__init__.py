@@ -1,8 +1,10 @@
 """Decoding plug-ins. Importing the package registers every built-in (see `decoding.registry`):
-the transforms of `decoding.transforms`, and the strategies greedy, sampling, contrastive and
-beam, in that order (the order `GetModelInfo.strategies` and `--strategy` list them)."""
+the transforms of `decoding.transforms` and kNN-LM (`decoding.knn`), and the strategies greedy,
+sampling, contrastive and beam, in that order (the order `GetModelInfo.strategies` and
+`--strategy` list them)."""
 
 from decoding import base, registry  # noqa: F401  (first: plug-ins register into them)
 from decoding import params, transforms  # noqa: F401
 from decoding import sampling  # noqa: F401  (greedy, sampling)
 from decoding import contrastive, beam_search  # noqa: F401
+from decoding import knn  # noqa: F401  (the kNN-LM transform)

@@ -18,8 +18,8 @@ freed, tokens emitted to the client's stream, and the end of the generation.
 
 Classes register themselves in `decoding.registry` under the tag of their params Struct; the
 engine, the server and the command line read names and params types from there. This module
-also defines what crosses the engine/decoding boundary: `InvalidArgument`, `Capture`, the
-per-step row settings (`SamplingRow`, `SamplingBatch`).
+also defines what crosses the engine/decoding boundary: `InvalidArgument`, `NotFound`,
+`Capture`, the per-step row settings (`SamplingRow`, `SamplingBatch`).
 """
 
 from __future__ import annotations
@@ -59,13 +59,40 @@ class InvalidArgument(ValueError):
         return InvalidArgument(f"{prefix}.{self.field}" if prefix else self.field, self.reason)
 
 
+class NotFound(LookupError):
+    """A request names something this process has not loaded (a kNN-LM datastore); the
+    server maps it to NOT_FOUND. Checked when the engine admits the request, not when its
+    params are built: params are plain values, and a client builds them for a remote server.
+
+    Attributes:
+        field: Path of the naming field (e.g. "knn_lm.datastore").
+        reason: What is missing and what is loaded instead.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.reason))
+
+    def __str__(self) -> str:  # LookupError's str would quote the message like a KeyError
+        return f"{self.field}: {self.reason}"
+
+    def under(self, prefix: str) -> NotFound:
+        return NotFound(f"{prefix}.{self.field}" if prefix else self.field, self.reason)
+
+
 class Capture(msgspec.Struct, frozen=True):
     """An activation a request or a plug-in asks the model runner to return.
 
     `Capture("final_hidden")` is the LM-head input of each sampled row;
     `Capture("ffn_input", layer=-1)` the last layer's FFN input after its norm (the kNN-LM key);
-    `Capture("final_hidden", all_positions=True)` the LM-head input of every token a sequence
-    computes (prompt chunks included).
+    `Capture("final_hidden", all_positions=True)` / `Capture("ffn_input", -1,
+    all_positions=True)` the activation at every prompt position: a request's final output
+    carries it as one `[num_prompt_tokens, hidden]` float32 tensor (chunked prefill and
+    recomputes included), and such a request bypasses the prefix cache.
     """
 
     kind: str
@@ -83,15 +110,19 @@ class Capture(msgspec.Struct, frozen=True):
     @property
     def name(self) -> str:
         """The key of this capture in `RequestOutput.captures` ("final_hidden",
-        "ffn_input:-1")."""
-        return self.kind if self.layer is None else f"{self.kind}:{self.layer}"
+        "ffn_input:-1"; all-position captures end in "@all": "ffn_input:-1@all")."""
+        name = self.kind if self.layer is None else f"{self.kind}:{self.layer}"
+        return f"{name}@all" if self.all_positions else name
 
     @classmethod
     def parse(cls, name: str) -> Capture:
         """The Capture of a name as `name` spells it (a boundary helper for string APIs)."""
-        kind, sep, layer = name.partition(":")
+        base, at, where = name.partition("@")
+        kind, sep, layer = base.partition(":")
         try:
-            return cls(kind, int(layer)) if sep else cls(kind)
+            if at and where != "all":
+                raise ValueError(where)
+            return cls(kind, int(layer) if sep else None, all_positions=bool(at))
         except ValueError:
             raise InvalidArgument("captures", f"unknown capture {name!r}") from None
 
@@ -337,11 +368,28 @@ class Transform(abc.ABC):
     """Place in the chain: logit bias 10, min-new-tokens 20, penalties 30, plug-ins 50 by
     default (kNN-LM, constraint masks), temperature 60, top-k / top-p 70, min-p 80."""
     captures: ClassVar[tuple[Capture, ...]] = ()
-    """Activations the transform reads from `SamplingRow.captures` (e.g. kNN-LM keys)."""
+    """Activations the transform reads from `SamplingRow.captures` (e.g. kNN-LM keys); the
+    engine captures them for the requests that list the transform."""
+    changes_model: ClassVar[bool] = False
+    """The transform changes the model's distribution itself (kNN-LM), not only how it is
+    sampled: the logprobs reported to clients go through `apply_to_logprobs` too."""
+
+    @classmethod
+    def check_loaded(cls, params) -> None:
+        """Raises `NotFound` (field relative to the params, e.g. "datastore") when `params`
+        name a resource this process has not loaded. Called when the engine admits a request;
+        value checks belong in the params Struct."""
 
     def is_active(self, batch: SamplingBatch) -> bool:
         """Whether any row of the batch uses this transform (the chain skips it otherwise)."""
         return True
+
+    def apply_to_logprobs(self, log_probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """`changes_model` transforms: the change of `apply` on the raw model log-probabilities
+        `[num_rows, vocab]` (bias, penalties and temperature not applied), returning
+        log-probabilities. Called, when a row asks for logprobs, in the same step as `apply`
+        and with the same batch."""
+        return log_probs
 
     @abc.abstractmethod
     def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -99,6 +99,7 @@ class Engine:
             raise InvalidArgument("prompt", f"{len(token_ids)} tokens leave no room to generate "
                                   f"within max_model_len={self.max_model_len}")
         params.validate_for_vocab(self.vocab_size)
+        params.check_loaded()
         max_tokens = min(len(token_ids) + params.max_new_tokens, self.max_model_len)
         if self.kv_cache.state_slots:  # one whole-sequence state per branch
             needed, unit = gen.max_branches, "state slots"
@@ -178,6 +179,13 @@ class Engine:
         self.generations.add_forked(child, seq, seed)
         return child_id
 
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [num_rows, vocab_size] of LM-head inputs [num_rows, hidden_size]
+        (e.g. a "final_hidden@all" capture): exactly what the engine samples from."""
+        return self.loaded.module.compute_logits(
+            hidden.to(device=self.loaded.device, dtype=self.loaded.dtype))
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
@@ -192,8 +200,8 @@ class Engine:
         run = self.runner.execute(sched)
         self.scheduler.update_from_output(sched)
         by_id = {item.request.req_id: item.request for item in sched.scheduled}
-        if run.hidden_chunks:
-            self.generations.collect_prompt_hidden(run.hidden_chunks, by_id)
+        if run.prompt_chunks:
+            self.generations.collect_prompt_captures(run.prompt_chunks, by_id)
         if not run.req_ids:
             return []
         rows = [by_id[req_id] for req_id in run.req_ids]

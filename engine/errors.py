@@ -8,11 +8,12 @@ mapping needs (the offending field for INVALID_ARGUMENT) and nothing else.
 from __future__ import annotations
 
 
-# One type for every validation error, engine and decoding alike: decoding/ defines it
-# (it may not import the engine) and the engine re-exports it.
-from decoding.base import InvalidArgument  # noqa: E402
+# One type for every validation error, engine and decoding alike, and one for a request that
+# names something not loaded: decoding/ defines them (it may not import the engine) and the
+# engine re-exports them.
+from decoding.base import InvalidArgument, NotFound  # noqa: E402
 
-__all__ = ["Cancelled", "InvalidArgument", "ResourceExhausted"]
+__all__ = ["Cancelled", "InvalidArgument", "NotFound", "ResourceExhausted"]
 
 
 class ResourceExhausted(RuntimeError):

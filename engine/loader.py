@@ -8,6 +8,7 @@ into a cached float32 safetensors directory, so later starts only read safetenso
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -106,3 +107,56 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
+
+
+FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+                     "vocab.json", "merges.txt")
+"""The model directory's files hashed whole by `model_fingerprint` (those present)."""
+_EDGE_BYTES, _BLOCK_BYTES, _BLOCK_EVERY = 1 << 16, 1 << 12, 1 << 20
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """A stable sha256 (hex) of what determines a model's activations for given text.
+
+    It covers the bytes of `FINGERPRINT_FILES` (config and tokenizer), and for every
+    `*.safetensors` file its name, size and header (tensor names, dtypes, shapes, offsets)
+    plus a sample of its tensor bytes: the first and last 64 KiB and one 4 KiB block per MiB
+    (0.4% of the weights, so a 135M float32 model hashes in well under a second and a 7B one in
+    seconds). Any other checkpoint, fine-tune, conversion or tokenizer changes it; an edit
+    confined to unsampled bytes would not (this detects mix-ups, it is not a signature).
+    Runtime choices that also change activations (dtype, int8 quantization, a norm-scheme
+    override) are not part of it: kNN-LM datastores record their dtype separately.
+    """
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in FINGERPRINT_FILES:
+        path = model_dir / name
+        if path.is_file():
+            data = path.read_bytes()
+            digest.update(f"{name}\0{len(data)}\0".encode())
+            digest.update(data)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    for path in files:
+        _hash_safetensors(path, digest)
+    return digest.hexdigest()
+
+
+def _hash_safetensors(path: Path, digest) -> None:
+    size = path.stat().st_size
+
+    def read(offset: int, num_bytes: int) -> bytes:
+        f.seek(offset)
+        return f.read(num_bytes)
+
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")  # safetensors: u64 LE, then JSON
+        digest.update(f"{path.name}\0{size}\0".encode())
+        digest.update(f.read(header_len))
+        data_start = 8 + header_len
+        digest.update(read(data_start, _EDGE_BYTES))
+        for offset in range(data_start + _EDGE_BYTES, size - _EDGE_BYTES, _BLOCK_EVERY):
+            digest.update(read(offset, _BLOCK_BYTES))
+        digest.update(read(max(data_start, size - _EDGE_BYTES), _EDGE_BYTES))

@@ -7,7 +7,7 @@ import math
 import msgspec
 
 from decoding import registry
-from decoding.base import InvalidArgument
+from decoding.base import InvalidArgument, NotFound
 
 MAX_LOGPROBS = 20
 """Most alternatives a request may ask for per token (the OpenAI API's limit)."""
@@ -81,7 +81,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     shares the batch. None lets the engine draw one."""
     logprobs: int | None = None
     """None: no logprobs. N >= 0: return the sampled token's logprob plus the top-N
-    alternatives, all from the raw (unprocessed) model distribution."""
+    alternatives, all from the raw (unprocessed) model distribution; with kNN-LM, the raw
+    distribution interpolated with the datastore's (`decoding.knn`)."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
     strategy: object | None = None
@@ -140,6 +141,20 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         rule = f"token ids must be in [0, {vocab_size})"
         _require(all(t < vocab_size for t in self.logit_bias), "logit_bias", rule)
         _require(all(t < vocab_size for t in self.stop_token_ids), "stop_token_ids", rule)
+
+    def check_loaded(self) -> None:
+        """Check what the transforms name against what this process loaded (a kNN-LM
+        datastore), at admission.
+
+        Raises:
+            NotFound: field "<transform name>.<field>", e.g. "knn_lm.datastore".
+        """
+        for params in self.transforms:
+            entry = registry.entry(params)
+            try:
+                entry.cls.check_loaded(params)
+            except NotFound as exc:
+                raise exc.under(entry.name) from None
 
     def _validate_strategy(self) -> None:
         name = registry.entry(self.strategy).name

@@ -25,6 +25,8 @@ FORMAT_VERSION = 1
 META, KEYS, VALUES, INDEX = "meta.json", "keys.npy", "values.npy", "index.faiss"
 FLAT_MAX_KEYS = 200_000
 """`auto` indexes below this many keys exactly (IndexFlatL2), above with IVFPQ."""
+RECOMPUTE_BLOCK_ELEMENTS = 1 << 24
+"""Gathered key elements per block of the exact recompute (64 MB of float32)."""
 
 
 class IndexParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -171,11 +173,22 @@ class Datastore:
         found = ids >= 0
         safe = np.where(found, ids, 0)
         if recompute:
-            # Row-sorted reads keep memmap access sequential-ish; the gather is [b, k, d].
-            order = np.argsort(safe, axis=None)
-            flat = np.empty((safe.size, self.meta.dim), dtype=np.float32)
-            flat[order] = self.keys[safe.reshape(-1)[order]]
-            diff = flat.reshape(*safe.shape, -1) - queries[:, None, :]
-            dists = np.einsum("bkd,bkd->bk", diff, diff)
+            dists = self._exact_distances(queries, safe)
         dists = np.where(found, dists, np.inf).astype(np.float32)
         return dists, np.asarray(self.values[safe], dtype=np.int64) * found
+
+    def _exact_distances(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Squared L2 from each query to the stored keys `ids` [b, k], in row blocks: the
+        gather is [rows, k, dim] float32, and a whole evaluation batch (thousands of rows at
+        k = 1024) would need gigabytes at once."""
+        dists = np.empty(ids.shape, dtype=np.float32)
+        rows = max(1, RECOMPUTE_BLOCK_ELEMENTS // (ids.shape[1] * self.meta.dim))
+        for start in range(0, len(ids), rows):
+            block = ids[start:start + rows]
+            # Row-sorted reads keep memmap access sequential-ish.
+            order = np.argsort(block, axis=None)
+            flat = np.empty((block.size, self.meta.dim), dtype=np.float32)
+            flat[order] = self.keys[block.reshape(-1)[order]]
+            diff = flat.reshape(*block.shape, -1) - queries[start:start + rows, None, :]
+            dists[start:start + rows] = np.einsum("bkd,bkd->bk", diff, diff)
+        return dists

@@ -5,7 +5,9 @@ the port speaks TLS when the config has a certificate, and binding a busy port f
 SO_REUSEPORT).
 
 Health ("" and "polydecode.v1.Generation") reads NOT_SERVING until the model is loaded and
-warmed up, and again from the moment a drain starts or the engine fails.
+warmed up, and again from the moment a drain starts or the engine fails. kNN-LM datastores
+(`ServerConfig.datastores`) are mapped before the model loads; one built with another model
+fails the start.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import Engine
+from retrieval import stores
 from server.auth import Principals, server_credentials
 from server.config import ServerConfig
 from server.engine_client import EngineClient
@@ -64,6 +67,8 @@ class GenerationServer:
         self.port = (self.server.add_secure_port(address, credentials) if credentials
                      else self.server.add_insecure_port(address))
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._datastores: list[str] = []
+        """Names of the datastores this server opened (closed when it stops)."""
         self.stopped = asyncio.Event()
 
     async def _set_health(self, serving: bool) -> None:
@@ -81,6 +86,7 @@ class GenerationServer:
                  self.client.config.model.model)
         if self.config.metrics_port is not None:
             self.metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
+        await asyncio.to_thread(self._open_datastores)
         await self.client.start(warmup=self.config.warmup)
         await asyncio.to_thread(self.servicer.prepare)
         prompt_bytes = self.servicer.ctx.max_prompt_bytes
@@ -89,6 +95,19 @@ class GenerationServer:
                         "prompts in between", prompt_bytes, self.config.max_message_bytes)
         await self._set_health(True)
         log.info("serving on %s:%d", self.config.host, self.port)
+
+    def _open_datastores(self) -> None:
+        """Maps the configured kNN-LM datastores (before the model loads: a store built with
+        another model fails the start at once). Raises ValueError naming the store."""
+        if not self.config.datastores:
+            return
+        from engine.loader import model_fingerprint, resolve_model_dir
+
+        fingerprint = model_fingerprint(resolve_model_dir(self.client.config.model.model))
+        for name, path in self.config.datastores.items():
+            store = stores.open_datastore(name, path, fingerprint)
+            self._datastores.append(name)
+            log.info("datastore %s: %d keys, %s index (%s)", name, len(store), store.kind, path)
 
     def _on_engine_error(self, exc: BaseException) -> None:
         # Called on the engine thread: hop onto the server's loop.
@@ -108,6 +127,8 @@ class GenerationServer:
         await self.server.stop(grace)
         await asyncio.to_thread(self.client.shutdown)
         self.servicer.close()
+        for name in self._datastores:
+            stores.close_datastore(name)
         self.stopped.set()
 
 

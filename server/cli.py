@@ -1,4 +1,5 @@
-"""The `polydecode` command line: model-path, generate, serve, bench.
+"""The `polydecode` command line: model-path, generate, serve, bench, datastore build, eval
+perplexity (the last two live in `retrieval.commands`).
 
 Strategies and transforms come from `decoding.registry`: `--strategy` offers every registered
 strategy, `--strategy-params` / `--transform NAME=JSON` give any plug-in's params, and
@@ -72,6 +73,22 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-return", type=int, default=1, help="beam search: sequences returned")
 
 
+def _add_knn_args(p: argparse.ArgumentParser) -> None:
+    k = p.add_argument_group("kNN-LM (with any --strategy; see README, Decoding strategies)")
+    k.add_argument("--datastore", default=None, metavar="[NAME=]DIR | NAME",
+                   help="offline: the datastore directory (opened under NAME, default the "
+                        "directory's name); with --server: the NAME of a datastore the server "
+                        "loaded (serve --datastore)")
+    k.add_argument("--knn-k", type=int, default=None, help="neighbours per step (1024)")
+    k.add_argument("--knn-lambda", type=float, default=None,
+                   help="weight of the kNN distribution, in [0, 1] (0.25)")
+    k.add_argument("--knn-temperature", type=float, default=None,
+                   help="softmax temperature over -distance (1.0)")
+    k.add_argument("--knn-nprobe", type=int, default=None, help="IVF lists searched (32)")
+    k.add_argument("--knn-no-recompute", action="store_true",
+                   help="use FAISS's approximate (PQ) distances instead of exact ones")
+
+
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
@@ -113,6 +130,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="largest stopping.max_new_tokens a request may ask for")
     p.add_argument("--max-stop-sequences", type=int, default=8)
     p.add_argument("--max-top-logprobs", type=int, default=20)
+    p.add_argument("--datastore", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a kNN-LM datastore under NAME (repeatable); it must have been "
+                        "built with the served model")
 
 
 def add_client_security_args(p: argparse.ArgumentParser) -> None:
@@ -158,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate offline (all prompts batched together)")
     _add_model_args(p)
     _add_sampling_args(p)
+    _add_knn_args(p)
     _add_plugin_arg(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one text prompt")
@@ -174,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("which", choices=["throughput", "serve"])
     p.add_argument("args", nargs=argparse.REMAINDER)
+    from retrieval.commands import add_parsers  # argparse only; the work imports lazily
+    add_parsers(sub, _add_model_args)
     return parser
 
 
@@ -195,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command in ("datastore", "eval"):
+        from retrieval.commands import run
+        return run(args, make_engine_config)
     if args.server:
         return _generate_remote(args)
     return _generate(args)
@@ -233,7 +259,8 @@ def _serve(args) -> int:
                 max_prompt_tokens=args.max_prompt_tokens,
                 max_prompt_bytes=args.max_prompt_bytes, max_new_tokens=args.max_new_tokens,
                 max_stop_sequences=args.max_stop_sequences,
-                max_top_logprobs=args.max_top_logprobs, max_logit_bias=args.max_logit_bias))
+                max_top_logprobs=args.max_top_logprobs, max_logit_bias=args.max_logit_bias),
+            datastores=_datastore_flags(args.datastore))
     except (OSError, ValueError) as exc:
         print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
         return 2
@@ -314,6 +341,52 @@ def make_transforms(args) -> tuple:
     return tuple(out)
 
 
+def _datastore_flags(specs: list[str]) -> dict[str, str]:
+    """`serve --datastore NAME=DIR` flags as name -> directory."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or name in out:
+            raise ValueError(f"--datastore {spec!r}: expected NAME=DIR, each NAME once")
+        out[name] = path
+    return out
+
+
+def datastore_spec(args) -> tuple[str, str | None]:
+    """(name, directory) of `generate --datastore`: offline `DIR` or `NAME=DIR`; with
+    `--server` a name only (directory None)."""
+    if args.server:
+        return args.datastore, None
+    name, sep, path = args.datastore.partition("=")
+    return (name, path) if sep else (Path(args.datastore).resolve().name, args.datastore)
+
+
+def make_knn_lm(args) -> tuple:
+    """The kNN-LM transform's params of the `--datastore` / `--knn-*` flags (or ())."""
+    given = dict(k=args.knn_k, lmbda=args.knn_lambda, temperature=args.knn_temperature,
+                 nprobe=args.knn_nprobe, recompute=False if args.knn_no_recompute else None)
+    fields = {key: value for key, value in given.items() if value is not None}
+    if args.datastore is None:
+        if fields:
+            raise InvalidArgument("datastore", "the --knn-* flags need --datastore")
+        return ()
+    fields["datastore"] = datastore_spec(args)[0]
+    return (registry.parse_params("knn_lm", fields, "transform", "knn_lm"),)
+
+
+def open_cli_datastore(args) -> None:
+    """Offline `generate --datastore`: opens the store. Raises InvalidArgument ("datastore")
+    for a directory that is not a datastore or one built with another model."""
+    from engine.loader import model_fingerprint, resolve_model_dir
+    from retrieval import stores
+
+    name, path = datastore_spec(args)
+    try:
+        stores.open_datastore(name, path, model_fingerprint(resolve_model_dir(args.model)))
+    except ValueError as exc:
+        raise InvalidArgument("datastore", str(exc)) from None
+
+
 def make_sampling_params(args):
     from engine.sampling_params import SamplingParams
 
@@ -322,7 +395,7 @@ def make_sampling_params(args):
         repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty, stop=tuple(args.stop),
         ignore_eos=args.ignore_eos, logprobs=args.logprobs, strategy=make_strategy(args),
-        transforms=make_transforms(args))
+        transforms=make_transforms(args) + make_knn_lm(args))
 
 
 def _generate(args) -> int:
@@ -331,6 +404,8 @@ def _generate(args) -> int:
 
     try:
         params, prompts = make_sampling_params(args), _read_prompts(args)
+        if args.datastore is not None:
+            open_cli_datastore(args)
         engine = Engine(make_engine_config(args))
         prompts = [to_engine(p, engine.tokenizer, engine.vocab_size)[0] for p in prompts]
         results = engine.generate(prompts, params)

@@ -71,9 +71,19 @@ def build_decoding(selection) -> pb.DecodingStrategy:
     return decoding
 
 
+def build_knn_lm(params) -> pb.KnnLm:
+    """The kNN-LM transform's params as the request's own `knn_lm` field."""
+    fields = _params(params)
+    fields["lambda"] = fields.pop("lmbda")
+    return json_format.ParseDict(fields, pb.KnnLm())
+
+
 def build_transforms(transforms) -> list[pb.Transform]:
+    """Plug-in transforms as `transforms[]` entries (kNN-LM has a field of its own)."""
     out = []
     for params in transforms:
+        if registry.entry(params).name == "knn_lm":
+            continue
         t = pb.Transform(name=registry.entry(params).name)
         t.params.update(_params(params))
         out.append(t)
@@ -84,9 +94,10 @@ def build_request(args, prompt: prompts.Prompt, params) -> pb.GenerateRequest:
     """The GenerateRequest for one prompt, the `generate` command's flags and the
     `SamplingParams` they make (strategy and transforms)."""
     selection = params.selection
+    knn = [build_knn_lm(t) for t in params.transforms if registry.entry(t).name == "knn_lm"]
     return pb.GenerateRequest(
         prompt=build_prompt(prompt), decoding=build_decoding(selection),
-        transforms=build_transforms(params.transforms),
+        transforms=build_transforms(params.transforms), knn_lm=knn[0] if knn else None,
         penalties=pb.Penalties(repetition=args.repetition_penalty,
                                frequency=args.frequency_penalty,
                                presence=args.presence_penalty),
@@ -148,5 +159,6 @@ def generate_remote(args, prompt_list: list[prompts.Prompt], params) -> int:
         asyncio.run(_run(args, requests))
     except grpc.aio.AioRpcError as exc:
         print(f"polydecode: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
+        return 2 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                   grpc.StatusCode.NOT_FOUND) else 1
     return 0

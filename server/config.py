@@ -90,6 +90,9 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     warmup: bool = True
     """Run one short generation before reporting SERVING."""
     limits: Limits = msgspec.field(default_factory=Limits)
+    datastores: dict[str, str] = {}
+    """kNN-LM datastores: name (what requests send in `knn_lm.datastore`) -> directory. Opened
+    read-only at start, shared by all requests; a store built with another model is refused."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

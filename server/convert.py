@@ -4,8 +4,8 @@
 field path; unregistered strategies and reserved fields raise Unimplemented) and produces a
 `Submission` the engine client runs. Strategies and transforms are read from `decoding.registry`:
 a built-in DecodingStrategy oneof field or `plugin` (any registered strategy by name) becomes
-the strategy's params Struct through `registry.parse_params`. The other functions build
-response messages from engine outputs.
+the strategy's params Struct through `registry.parse_params`; `knn_lm` becomes the kNN-LM
+transform's params. The other functions build response messages from engine outputs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from engine.messages import RequestOutput, TokenLogprob
 from engine.prompt import StructuredPrompt
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from retrieval import stores
 from server import prompts
 from server.config import Limits
 from server.errors import Unimplemented, proto_field
@@ -163,7 +164,7 @@ def to_submission(msg: pb.GenerateRequest, ctx: Context, request_id: str | None 
     _require(num_tokens <= ctx.max_prompt_tokens, "prompt",
              f"{num_tokens} tokens; at most {ctx.max_prompt_tokens} allowed")
     want_logprobs = response.logprobs or response.top_logprobs > 0
-    strategy, transforms = _strategy(msg.decoding), _transforms(msg.transforms)
+    strategy, transforms = _strategy(msg.decoding), _transforms(msg.transforms) + _knn_lm(msg)
     try:
         params = _sampling_params(msg, want_logprobs, strategy, transforms)
     except InvalidArgument as exc:
@@ -264,6 +265,23 @@ def _transforms(transforms) -> tuple:
     return tuple(out)
 
 
+def _knn_lm(msg: pb.GenerateRequest) -> tuple:
+    """The kNN-LM transform's params of `knn_lm` (proto `lambda` is the Struct's `lmbda`);
+    whether the datastore is loaded is the engine's check at admission (NOT_FOUND)."""
+    if not msg.HasField("knn_lm"):
+        return ()
+    _require(all(t.name != "knn_lm" for t in msg.transforms), "knn_lm",
+             "given twice: here and in transforms")
+    fields = {"datastore": msg.knn_lm.datastore, **_fields(msg.knn_lm)}  # "" names no store
+    if "lambda" in fields:
+        fields["lmbda"] = fields.pop("lambda")
+    try:
+        return (registry.parse_params("knn_lm", fields, "transform", "knn_lm"),)
+    except InvalidArgument as exc:
+        raise InvalidArgument(exc.field.replace("knn_lm.lmbda", "knn_lm.lambda"),
+                              exc.reason) from None
+
+
 def _sampling_params(msg: pb.GenerateRequest, want_logprobs: bool, strategy,
                      transforms: tuple) -> SamplingParams:
     pen, stop = msg.penalties, msg.stopping
@@ -351,7 +369,8 @@ def _finish_reason(out: RequestOutput, sub: Submission, max_model_len: int,
 
 
 def model_info(engine, ctx: Context) -> pb.ModelInfo:
-    """What the server runs: registered strategies and plug-in transforms included."""
+    """What the server runs: registered strategies, plug-in transforms and the kNN-LM
+    datastores it opened included."""
     cfg, limits = engine.config, ctx.limits
     return pb.ModelInfo(
         model=cfg.model.model, family=engine.loaded.family,
@@ -359,6 +378,9 @@ def model_info(engine, ctx: Context) -> pb.ModelInfo:
         eos_token_ids=list(engine.tokenizer.eos_token_ids),
         strategies=registry.strategy_names(),
         transforms=registry.transform_names(plugins_only=True), constraints=[],
+        datastores=[pb.DatastoreInfo(name=name, keys=len(store), dim=store.meta.dim,
+                                     index=store.kind)
+                    for name, store in stores.open_datastores().items()],
         dtype=cfg.model.dtype,
         kv_block_size=0 if engine.loaded.memory == "state_slots" else cfg.cache.block_size,
         limits=pb.Limits(

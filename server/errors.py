@@ -14,7 +14,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from engine.async_engine import EngineDeadError
-from engine.errors import Cancelled, InvalidArgument, ResourceExhausted
+from engine.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger("polydecode.server")
 
@@ -61,6 +61,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status and message a client gets for `exc`."""
     if isinstance(exc, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, f"{proto_field(exc.field)}: {exc.reason}"
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, f"{proto_field(exc.field)}: {exc.reason}"
     if isinstance(exc, Unimplemented):
         return grpc.StatusCode.UNIMPLEMENTED, str(exc)
     if isinstance(exc, ResourceExhausted):

@@ -29,9 +29,10 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
     """[num_sampled, vocab_size] float32."""
     captures: dict[str, dict[str, torch.Tensor]]
     """req_id -> `Capture.name` -> [hidden_size] tensor, for requests that asked."""
-    hidden_chunks: dict[str, tuple[int, torch.Tensor]] = {}
-    """req_id -> (first position, [num_tokens, hidden_size]) LM-head inputs of every token
-    computed this step, for requests that capture the final hidden state at all positions."""
+    prompt_chunks: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
+    """req_id -> (first position, `Capture.name` -> [num_tokens, hidden_size] float32) for
+    requests with all-position captures: the prompt positions computed this step (a chunk of
+    a chunked prefill, or of a recompute after preemption; generated tokens are left out)."""
 
 
 class ModelRunner:
@@ -150,26 +151,39 @@ class ModelRunner:
             self._copy_blocks(output.block_copies)
             input_ids, positions, meta, sample_rows, sampled = self._prepare(items)
             rows = torch.tensor(sample_rows, dtype=torch.long)
-        capture_layers = self._capture_layers(sampled)
+        capture_layers = self._capture_layers(items)
         hidden, layer_caps = self.model(input_ids, positions, self.kv_caches, meta,
                                         capture_layers)
         sampled_hidden = hidden[rows]
         logits = self.model.compute_logits(sampled_hidden)
         captures = self._gather_captures(sampled, rows, sampled_hidden, layer_caps)
-        chunks = {item.request.req_id: (item.request.num_computed_tokens,
-                                         hidden[q_start:q_start + item.num_new_tokens].float())
-                  for item, q_start in self._chunk_captures(items)}
         return ModelRunnerOutput(req_ids=[s.request.req_id for s in sampled], logits=logits,
-                                 captures=captures, hidden_chunks=chunks)
+                                 captures=captures,
+                                 prompt_chunks=self._prompt_chunks(items, hidden, layer_caps))
 
-    @staticmethod
-    def _chunk_captures(items: list[ScheduledRequest]):
-        """(item, first row) of the items that capture every computed token's hidden state."""
+    def _prompt_chunks(self, items: list[ScheduledRequest], hidden: torch.Tensor,
+                       layer_caps: dict[str, torch.Tensor]):
+        """The all-position captures of this step's prompt tokens, per request that asked."""
+        chunks = {}
+        num_layers = self.config.num_hidden_layers
         q_start = 0
         for item in items:
-            if any(c.all_positions for c in item.request.captures):
-                yield item, q_start
+            req, first = item.request, q_start
             q_start += item.num_new_tokens
+            wanted = [c for c in req.captures if c.all_positions]
+            start = req.num_computed_tokens
+            num_rows = min(start + item.num_new_tokens, req.num_prompt_tokens) - start
+            if not wanted or num_rows <= 0:
+                continue
+            out = {}
+            for capture in wanted:
+                source = hidden if capture.kind == "final_hidden" else \
+                    layer_caps[f"ffn_input:{capture.layer % num_layers}"]
+                # A copy: a view would keep the whole step's activations alive until the
+                # request's prompt is complete.
+                out[capture.name] = source[first:first + num_rows].to(torch.float32, copy=True)
+            chunks[req.req_id] = (start, out)
+        return chunks
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -277,10 +291,13 @@ class ModelRunner:
         slots = torch.where(mask, slots, self.null_slot)
         return slots, mask[:, None, None, :]
 
-    def _capture_layers(self, sampled: list[ScheduledRequest]) -> frozenset[int]:
+    def _capture_layers(self, items: list[ScheduledRequest]) -> frozenset[int]:
+        """Layers whose FFN input some item captures (a mid-prefill chunk's all-position
+        capture included). Capturing only keeps a reference to a tensor the layer computes
+        anyway."""
         num_layers = self.config.num_hidden_layers
         layers = set()
-        for item in sampled:
+        for item in items:
             for capture in item.request.captures:
                 if capture.kind == "ffn_input":
                     layers.add(capture.layer % num_layers)

@@ -61,7 +61,10 @@ class Generation(TokenSequence):
         """Branch -> (processed logits, hidden) of branches that computed their last token.
         A forking strategy runs once every live branch is ready: a branch that was preempted
         or scheduled in a later step (token budget) is waited for."""
-        self.prompt_hidden: list[torch.Tensor] = []
+        self.prompt_captures: dict[str, list[torch.Tensor]] = {}
+        """All-position capture name -> its chunks over prompt positions [0,
+        num_prompt_captured), in order (collected from the prompt branch's steps)."""
+        self.num_prompt_captured = 0
         self.freed_forward_tokens = 0
 
     @property
@@ -71,6 +74,46 @@ class Generation(TokenSequence):
     def sequence_id(self, branch: int) -> str:
         """The scheduler id of a branch: the request id for the prompt's branch (0)."""
         return self.req_id if branch == 0 else f"{self.req_id}#{branch}"
+
+    def add_prompt_chunk(self, start: int, chunk: dict[str, torch.Tensor]) -> None:
+        """Collects the all-position captures of prompt positions [start, start + rows).
+
+        A recompute from position 0 (after preemption) starts over; once every prompt position
+        is collected, later chunks (a recompute after that) are ignored. The prompt branch
+        bypasses the prefix cache, so chunks never skip a position.
+        """
+        if self.num_prompt_captured == self.num_prompt_tokens:
+            return
+        if start == 0:
+            self.prompt_captures, self.num_prompt_captured = {}, 0
+        assert start == self.num_prompt_captured, "prompt captures would skip positions"
+        for name, rows in chunk.items():
+            self.prompt_captures.setdefault(name, []).append(rows)
+        self.num_prompt_captured += len(next(iter(chunk.values())))
+
+    def take_prompt_capture(self, name: str, keep: bool = False) -> torch.Tensor | None:
+        """[num_prompt_tokens, hidden] float32 of one all-position capture once every prompt
+        position is collected (else None); `keep=False` releases it."""
+        if self.num_prompt_captured < self.num_prompt_tokens or name not in self.prompt_captures:
+            return None
+        chunks = self.prompt_captures[name] if keep else self.prompt_captures.pop(name)
+        whole = torch.cat(chunks)
+        if keep:
+            self.prompt_captures[name] = [whole]
+        return whole
+
+    def final_captures(self) -> dict[str, torch.Tensor]:
+        """The client's all-position captures for its final output ({} when it asked for none,
+        or when the prompt was not completely computed: an abort mid-prefill)."""
+        if self.num_prompt_captured < self.num_prompt_tokens:
+            return {}
+        out = {}
+        for capture in self.captures:
+            if capture.all_positions:
+                whole = self.take_prompt_capture(capture.name)
+                if whole is not None:
+                    out[capture.name] = whole
+        return out
 
     def sync_stats(self) -> None:
         """Copies usage from the branches: forward tokens of all (freed ones included), queue

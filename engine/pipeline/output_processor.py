@@ -65,6 +65,8 @@ class OutputProcessor:
         if finished:
             text += state.detokenizer.flush()
         if finished:
+            # All-position captures arrive once, whole, with the final output.
+            captures = {**(captures or {}), **req.final_captures()} or captures
             req.output_text = state.detokenizer.output_text
             req.logprobs = state.logprobs if req.params.logprobs is not None else None
             del self._states[req.req_id]

@@ -24,8 +24,9 @@ class SamplerOutput:
     """One chosen token per row, plus logprobs when any row asked for them.
 
     The logprob tensors are all None, or all set when any row has `logprobs is not None`; they
-    come from `log_softmax` of the raw model logits (before any processing) and rows that asked
-    for fewer than `max_num_logprobs` alternatives slice their own prefix.
+    come from `Sampler.log_probs` (the raw model distribution, through the transforms that change
+    the model itself, such as kNN-LM) and rows that asked for fewer than `max_num_logprobs`
+    alternatives slice their own prefix.
     """
 
     token_ids: torch.Tensor  # [num_rows] int64
@@ -56,6 +57,16 @@ class Sampler:
                 logits = transform.apply(logits, batch)
         return logits
 
+    def log_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """What `logprobs` report, `[num_rows, vocab]` float32: `log_softmax` of the raw logits
+        (no bias, penalties or temperature), then the active `changes_model` transforms
+        (kNN-LM interpolation), which leave rows that do not use them unchanged."""
+        log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        for transform in self.transforms:
+            if transform.changes_model and transform.is_active(batch):
+                log_probs = transform.apply_to_logprobs(log_probs, batch)
+        return log_probs
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch,
                  strategies: list[type] | None = None) -> SamplerOutput:
         """Chooses one token per row.
@@ -68,7 +79,7 @@ class Sampler:
         """
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
-            raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            raw_logprobs = self.log_probs(logits, batch)
         logits = self.process(logits, batch)
         if strategies is None:
             strategies = [registry.entry(row.params.selection).cls for row in batch.rows]

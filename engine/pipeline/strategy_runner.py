@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from decoding import registry
 from decoding.base import Capture, SamplingBatch, SamplingRow, StepDecision, StepView
 from engine.errors import ResourceExhausted
 from engine.pipeline.generation import Generation
@@ -36,22 +37,24 @@ class StrategyRunner:
         self.sampler = sampler or Sampler()
         self.device = device
         self.by_id: dict[str, Generation] = {}
-        self._plugin_captures = frozenset(c for t in self.sampler.transforms
-                                          for c in t.captures)
 
     # ---- generations -------------------------------------------------------------------------
 
     def add(self, gen: Generation) -> None:
         """Starts a generation: its prompt's branch (0) is queued through the port."""
         strategy = gen.strategy
-        captures = set(gen.captures) | self._plugin_captures
+        # Plug-in transforms' captures (kNN-LM's query) only for the requests that use them.
+        captures = set(gen.captures).union(*(registry.entry(t).cls.captures
+                                             for t in gen.params.transforms))
         if strategy.needs_hidden:
             captures.add(CAPTURE_FINAL_HIDDEN)
         if strategy.needs_prompt_hidden:
             captures.add(CAPTURE_PROMPT_HIDDEN)
+        # Every prompt position must be computed to be captured: no prefix-cache hits.
         root = Request(gen.req_id, gen.prompt_token_ids, generation=gen, branch=0,
                        seed=gen.seed, captures=frozenset(captures), extra_key=gen.extra_key,
-                       layout=gen.layout, no_prefix_cache=strategy.needs_prompt_hidden)
+                       layout=gen.layout,
+                       no_prefix_cache=any(c.all_positions for c in captures))
         gen.branches[0] = root
         self.port.add(gen, root)
         self.by_id[gen.req_id] = gen
@@ -71,14 +74,12 @@ class StrategyRunner:
         self._end(gen, RequestStatus.FINISHED_ABORTED)
         return self.port.abort_output(gen)
 
-    def collect_prompt_hidden(self, chunks: dict[str, tuple[int, torch.Tensor]],
-                              requests: dict[str, Request]) -> None:
-        """Keeps the prompt hidden states of branches that asked (a restart at 0 resets)."""
-        for req_id, (start, hidden) in chunks.items():
-            gen = requests[req_id].generation
-            if start == 0:
-                gen.prompt_hidden.clear()
-            gen.prompt_hidden.append(hidden)
+    def collect_prompt_captures(self, chunks: dict[str, tuple[int, dict[str, torch.Tensor]]],
+                                requests: dict[str, Request]) -> None:
+        """Keeps the all-position captures of prompt branches that asked (see
+        `Generation.add_prompt_chunk`)."""
+        for req_id, (start, chunk) in chunks.items():
+            requests[req_id].generation.add_prompt_chunk(start, chunk)
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -93,7 +94,7 @@ class StrategyRunner:
             self.vocab_size, logits.device)
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
-            raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            raw_logprobs = self.sampler.log_probs(logits, batch)
         log_first = [r.generation.strategy.log_softmax_first for r in rows]
         if any(log_first):
             mask = torch.tensor(log_first, device=logits.device)[:, None]
@@ -167,13 +168,14 @@ class StrategyRunner:
             if gen.strategy.needs_hidden else None
         gen.ready = {}
         prompt_hidden = None
-        if gen.prompt_hidden and 0 in gen.branches:
-            prompt_hidden = torch.cat(gen.prompt_hidden).float()
-            gen.prompt_hidden = []
+        root = gen.branches.get(0)
+        if root is not None and CAPTURE_PROMPT_HIDDEN in root.captures \
+                and gen.strategy.needs_prompt_hidden:
+            prompt_hidden = gen.take_prompt_capture(
+                CAPTURE_PROMPT_HIDDEN.name, keep=CAPTURE_PROMPT_HIDDEN in gen.captures)
             # Handed over once: the prompt branch may live on as a candidate branch.
-            root = gen.branches[0]
             root.captures = root.captures - {CAPTURE_PROMPT_HIDDEN}
-            root.no_prefix_cache = False
+            root.no_prefix_cache = any(c.all_positions for c in root.captures)
         return StepView(branch_ids=branch_ids, logits=logits, hidden=hidden,
                         prompt_hidden=prompt_hidden,
                         output_token_ids=[s.output_token_ids for s in seqs],

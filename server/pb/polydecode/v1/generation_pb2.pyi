@@ -114,17 +114,19 @@ class BeamSearch(_message.Message):
     def __init__(self, num_beams: _Optional[int] = ..., length_penalty: _Optional[float] = ..., early_stopping: _Optional[bool] = ..., num_return: _Optional[int] = ...) -> None: ...
 
 class KnnLm(_message.Message):
-    __slots__ = ("datastore_id", "k", "knn_temperature", "base")
-    DATASTORE_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("datastore", "k", "temperature", "nprobe", "recompute")
+    DATASTORE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     LAMBDA_FIELD_NUMBER: _ClassVar[int]
-    KNN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
-    BASE_FIELD_NUMBER: _ClassVar[int]
-    datastore_id: str
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    datastore: str
     k: int
-    knn_temperature: float
-    base: Sampling
-    def __init__(self, datastore_id: _Optional[str] = ..., k: _Optional[int] = ..., knn_temperature: _Optional[float] = ..., base: _Optional[_Union[Sampling, _Mapping]] = ..., **kwargs) -> None: ...
+    temperature: float
+    nprobe: int
+    recompute: bool
+    def __init__(self, datastore: _Optional[str] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., recompute: _Optional[bool] = ..., **kwargs) -> None: ...
 
 class RankGenRerank(_message.Message):
     __slots__ = ("scorer_id", "num_candidates", "rerank_every_tokens", "beam_size", "base")
@@ -155,12 +157,11 @@ class Plugin(_message.Message):
     def __init__(self, name: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class DecodingStrategy(_message.Message):
-    __slots__ = ("greedy", "sampling", "contrastive", "beam", "knn_lm", "rankgen", "awrs", "plugin")
+    __slots__ = ("greedy", "sampling", "contrastive", "beam", "rankgen", "awrs", "plugin")
     GREEDY_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CONTRASTIVE_FIELD_NUMBER: _ClassVar[int]
     BEAM_FIELD_NUMBER: _ClassVar[int]
-    KNN_LM_FIELD_NUMBER: _ClassVar[int]
     RANKGEN_FIELD_NUMBER: _ClassVar[int]
     AWRS_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_FIELD_NUMBER: _ClassVar[int]
@@ -168,11 +169,10 @@ class DecodingStrategy(_message.Message):
     sampling: Sampling
     contrastive: ContrastiveSearch
     beam: BeamSearch
-    knn_lm: KnnLm
     rankgen: RankGenRerank
     awrs: Awrs
     plugin: Plugin
-    def __init__(self, greedy: _Optional[_Union[Greedy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., contrastive: _Optional[_Union[ContrastiveSearch, _Mapping]] = ..., beam: _Optional[_Union[BeamSearch, _Mapping]] = ..., knn_lm: _Optional[_Union[KnnLm, _Mapping]] = ..., rankgen: _Optional[_Union[RankGenRerank, _Mapping]] = ..., awrs: _Optional[_Union[Awrs, _Mapping]] = ..., plugin: _Optional[_Union[Plugin, _Mapping]] = ...) -> None: ...
+    def __init__(self, greedy: _Optional[_Union[Greedy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., contrastive: _Optional[_Union[ContrastiveSearch, _Mapping]] = ..., beam: _Optional[_Union[BeamSearch, _Mapping]] = ..., rankgen: _Optional[_Union[RankGenRerank, _Mapping]] = ..., awrs: _Optional[_Union[Awrs, _Mapping]] = ..., plugin: _Optional[_Union[Plugin, _Mapping]] = ...) -> None: ...
 
 class Transform(_message.Message):
     __slots__ = ("name", "params")
@@ -254,7 +254,7 @@ class ResponseOptions(_message.Message):
     def __init__(self, token_ids: _Optional[bool] = ..., text: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[bool] = ..., candidate_scores: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "decoding", "constraint", "penalties", "stopping", "response", "priority", "cache_salt", "transforms")
+    __slots__ = ("request_id", "prompt", "decoding", "constraint", "penalties", "stopping", "response", "priority", "cache_salt", "transforms", "knn_lm")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     DECODING_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,7 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     TRANSFORMS_FIELD_NUMBER: _ClassVar[int]
+    KNN_LM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: Prompt
     decoding: DecodingStrategy
@@ -275,7 +276,8 @@ class GenerateRequest(_message.Message):
     priority: int
     cache_salt: str
     transforms: _containers.RepeatedCompositeFieldContainer[Transform]
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., decoding: _Optional[_Union[DecodingStrategy, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., penalties: _Optional[_Union[Penalties, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., transforms: _Optional[_Iterable[_Union[Transform, _Mapping]]] = ...) -> None: ...
+    knn_lm: KnnLm
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[_Union[Prompt, _Mapping]] = ..., decoding: _Optional[_Union[DecodingStrategy, _Mapping]] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ..., penalties: _Optional[_Union[Penalties, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., priority: _Optional[int] = ..., cache_salt: _Optional[str] = ..., transforms: _Optional[_Iterable[_Union[Transform, _Mapping]]] = ..., knn_lm: _Optional[_Union[KnnLm, _Mapping]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("id", "logprob", "text")
@@ -466,7 +468,7 @@ class Limits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_parallel_members: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_prompt_tokens: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_transforms: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "family", "max_context", "vocab_size", "eos_token_ids", "strategies", "constraints", "dtype", "kv_block_size", "limits", "transforms")
+    __slots__ = ("model", "family", "max_context", "vocab_size", "eos_token_ids", "strategies", "constraints", "dtype", "kv_block_size", "limits", "transforms", "datastores")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -478,6 +480,7 @@ class ModelInfo(_message.Message):
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     TRANSFORMS_FIELD_NUMBER: _ClassVar[int]
+    DATASTORES_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     max_context: int
@@ -489,7 +492,20 @@ class ModelInfo(_message.Message):
     kv_block_size: int
     limits: Limits
     transforms: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., strategies: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., transforms: _Optional[_Iterable[str]] = ...) -> None: ...
+    datastores: _containers.RepeatedCompositeFieldContainer[DatastoreInfo]
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., strategies: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., transforms: _Optional[_Iterable[str]] = ..., datastores: _Optional[_Iterable[_Union[DatastoreInfo, _Mapping]]] = ...) -> None: ...
+
+class DatastoreInfo(_message.Message):
+    __slots__ = ("name", "keys", "dim", "index")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    keys: int
+    dim: int
+    index: str
+    def __init__(self, name: _Optional[str] = ..., keys: _Optional[int] = ..., dim: _Optional[int] = ..., index: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()

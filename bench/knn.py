@@ -1,0 +1,197 @@
+"""kNN-LM cost: datastore build throughput, and decode throughput with kNN-LM vs plain greedy.
+
+    python bench/knn.py [--sizes 100k,1m] [--batches 1,32] [--new-tokens 32] [--k 1024]
+                        [--nprobe 32] [--stores-dir bench/results/knn] [--plot]
+
+Stores (built once into --stores-dir, reused after; a build is resumable):
+- `100k`: the first 100,000 tokens of the KJV training books, flat index (exact search);
+- `1m`: the whole King James Bible (every book: ~1M SmolLM2 tokens) with IVFPQ (4096 lists,
+  64-byte codes), searched with --nprobe lists and exact distances recomputed from the keys.
+
+For each store and batch size, the same greedy requests (held-out KJV verses as prompts,
+--new-tokens each, EOS ignored) run plain and with kNN-LM; reported: decode tokens/s of both,
+their ratio, and the share of kNN-LM step time spent in `Datastore.search` (FAISS + recompute).
+The issue's target: at 1M keys, nprobe 32, batch 32, kNN-LM >= 0.6x plain greedy throughput.
+Progress on stderr; one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import emit, machine  # noqa: E402
+from decoding.knn import KnnLm  # noqa: E402
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from engine.loader import model_fingerprint  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+from retrieval import stores  # noqa: E402
+from retrieval.build import build_datastore  # noqa: E402
+from retrieval.corpus import kjv_books, kjv_split  # noqa: E402
+from retrieval.datastore import Datastore, read_meta  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STORES = {"100k": (["kjv:train"], "flat", 100_000),
+          "1m": (["kjv:train", "kjv:heldout"], "ivfpq", None)}
+"""size -> (corpus specs, index kind, max tokens)."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def ensure_store(engine: Engine, size: str, root: Path) -> tuple[Path, dict]:
+    """The store of `size` under `root`, built (or its build resumed) when missing; returns
+    its path and the build's measured throughput (None when it was already complete)."""
+    specs, index, max_tokens = STORES[size]
+    path = root / size
+    try:
+        meta = read_meta(path)
+        log(f"[knn] reusing {path} ({meta.count} keys, {meta.index.kind})")
+        return path, {"keys": meta.count, "index": meta.index.kind, "build_tok_s": None}
+    except ValueError:
+        pass
+    log(f"[knn] building {path} from {specs} ({index})")
+    start = time.perf_counter()
+    meta = build_datastore(engine, specs, path, index=index, max_tokens=max_tokens)
+    seconds = time.perf_counter() - start
+    return path, {"keys": meta.count, "index": meta.index.kind, "build_s": round(seconds, 1),
+                  "build_tok_s": round(meta.count / seconds, 1)}
+
+
+class SearchClock:
+    """Accumulates the wall time of every `Datastore.search` call."""
+
+    def __init__(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+        self._search = Datastore.search
+
+    def __enter__(self) -> SearchClock:
+        clock, search = self, self._search
+
+        def timed(store, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return search(store, *args, **kwargs)
+            finally:
+                clock.seconds += time.perf_counter() - start
+                clock.calls += 1
+
+        Datastore.search = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        Datastore.search = self._search
+
+
+def heldout_prompts(n: int, words: int = 30) -> list[str]:
+    """`n` prompts of `words` words from the held-out books, in order."""
+    books = kjv_books()
+    text = " ".join(books[name] for name in kjv_split("heldout")).split()
+    return [" ".join(text[i * words:(i + 1) * words]) for i in range(n)]
+
+
+def decode_rate(engine: Engine, prompts: list[str], params: SamplingParams) -> tuple[float, int]:
+    """Generated tokens per second of one batch of `prompts` (prefill included: prompts are
+    short) and the number of tokens."""
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+    return tokens / seconds, tokens
+
+
+def measure(engine: Engine, name: str, batch: int, args, prompts: list[str]) -> dict:
+    plain = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    knn = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, transforms=(
+        KnnLm(datastore=name, k=args.k, lmbda=0.25, nprobe=args.nprobe),))
+    group = prompts[:batch]
+    engine.generate(group, SamplingParams(max_new_tokens=2))  # warm
+    best_plain = max(decode_rate(engine, group, plain)[0] for _ in range(args.repeats))
+    rates, share = [], []
+    for _ in range(args.repeats):
+        with SearchClock() as clock:
+            start = time.perf_counter()
+            rate, tokens = decode_rate(engine, group, knn)
+            total = time.perf_counter() - start
+        rates.append(rate)
+        share.append(clock.seconds / total)
+    best = max(rates)
+    row = {"store": name, "batch": batch, "plain_tok_s": round(best_plain, 1),
+           "knn_tok_s": round(best, 1), "knn_over_plain": round(best / best_plain, 3),
+           "search_share": round(min(share), 3), "searches_per_step": 1}
+    log(f"[knn] {name} batch {batch}: plain {best_plain:.1f} tok/s, kNN-LM {best:.1f} tok/s "
+        f"({row['knn_over_plain']}x), search {100 * row['search_share']:.0f}% of step time")
+    return row
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = record["decode"]
+    labels = [f"{r['store']}\nbatch {r['batch']}" for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["plain_tok_s"] for r in rows], 0.4, label="greedy")
+    ax.bar([i + 0.2 for i in x], [r["knn_tok_s"] for r in rows], 0.4, label="greedy + kNN-LM")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"kNN-LM decode throughput (k={record['k']}, nprobe={record['nprobe']})")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    log(f"[plot] wrote {path}")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--sizes", default="100k,1m")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--stores-dir", type=Path, default=REPO / "bench" / "results" / "knn")
+    ap.add_argument("--plot", action="store_true", help="write bench/results/knn.png")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    config = EngineConfig(model=ModelConfig(model=args.model or ModelConfig().model,
+                                            num_threads=args.threads),
+                          cache=CacheConfig(),
+                          scheduler=SchedulerConfig(max_num_seqs=max(64, max(batches))))
+    engine = Engine(config)
+    fingerprint = model_fingerprint(engine.loaded.model_dir)
+    prompts = heldout_prompts(max(batches))
+    record = {"bench": "knn", "k": args.k, "nprobe": args.nprobe,
+              "new_tokens": args.new_tokens, "stores": {}, "decode": []}
+    for size in args.sizes.split(","):
+        path, built = ensure_store(engine, size, args.stores_dir)
+        record["stores"][size] = built
+        stores.open_datastore(size, path, fingerprint)
+        for batch in batches:
+            record["decode"].append(measure(engine, size, batch, args, prompts))
+    target = next((r for r in record["decode"] if r["store"] == "1m" and r["batch"] == 32), None)
+    record["target_1m_b32_over_plain"] = target["knn_over_plain"] if target else None
+    record["target_met"] = None if target is None else target["knn_over_plain"] >= 0.6
+    record["machine"] = machine()
+    emit(record)
+    if args.plot:
+        plot(record, REPO / "bench" / "results" / "knn.png")
+
+
+if __name__ == "__main__":
+    main()
