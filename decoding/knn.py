@@ -21,6 +21,12 @@ Batching: each step, the rows of every request that uses kNN-LM are grouped by (
 nprobe, recompute) and each group is ONE `Datastore.search` for the group's largest k; a row
 keeps the first k of its neighbours in FAISS order, which are the neighbours a search of its
 own k returns. A row's result does not depend on the other rows.
+
+Adaptive retrieval (`entropy_threshold` > 0, beyond the paper): a row whose distribution at
+`apply` (the request's processed one, as above) has entropy below the threshold is left out of
+the step's search and keeps the model's distribution, in its sampled tokens and its logprobs
+alike. The sampler runs `apply` before `apply_to_logprobs`, so the decision is made once per
+step, on that distribution.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 from decoding.base import Capture, InvalidArgument, NotFound, SamplingBatch, Transform
 from decoding.registry import register_transform
 from retrieval import stores
-from retrieval.knn import mix
+from retrieval.knn import mix, row_entropy
 
 MAX_K = 4096
 MAX_NPROBE = 65536
@@ -63,6 +69,9 @@ class KnnLm(msgspec.Struct, frozen=True, kw_only=True, tag="knn_lm"):
     """Inverted lists an IVFPQ index visits (ignored by a flat index)."""
     recompute: bool = True
     """Exact squared distances from the stored keys instead of FAISS's PQ approximations."""
+    entropy_threshold: float = 0.0
+    """Adaptive retrieval: at a step where the entropy (nats) of the request's distribution is
+    below this, no search runs and the row keeps the model's distribution. 0: always search."""
 
     def __post_init__(self) -> None:
         _require(bool(self.datastore), "datastore", "must name a loaded datastore")
@@ -71,6 +80,8 @@ class KnnLm(msgspec.Struct, frozen=True, kw_only=True, tag="knn_lm"):
         _require(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
                  "must be a finite number > 0")
         _require(1 <= self.nprobe <= MAX_NPROBE, "nprobe", f"must be in [1, {MAX_NPROBE}]")
+        _require(math.isfinite(self.entropy_threshold) and self.entropy_threshold >= 0,
+                 "entropy_threshold", "must be a finite number >= 0")
 
 
 class _Neighbours(NamedTuple):
@@ -111,9 +122,9 @@ class KnnLmTransform(Transform):
 
     def _interpolate(self, logits: torch.Tensor, batch: SamplingBatch,
                      normalized: bool) -> torch.Tensor:
-        """Replaces the rows that use kNN-LM by their interpolated log-probabilities."""
+        """Replaces the rows that search this step by their interpolated log-probabilities."""
         device = logits.device
-        for found in self._neighbours(batch):
+        for found in self._neighbours(batch, logits):
             # One mix per distinct k: each row sees exactly its own k columns, as alone.
             for k in sorted({p.k for p in found.params}):
                 index = [j for j, p in enumerate(found.params) if p.k == k]
@@ -128,18 +139,32 @@ class KnnLmTransform(Transform):
                                    temperature, lmbda)
         return logits
 
-    def _neighbours(self, batch: SamplingBatch) -> list[_Neighbours]:
-        """One search per (datastore, nprobe, recompute) for all of its rows, memoised for
-        the batch."""
+    def _neighbours(self, batch: SamplingBatch, logits: torch.Tensor) -> list[_Neighbours]:
+        """One search per (datastore, nprobe, recompute) for all of its rows that search this
+        step (`logits`: the distribution the adaptive rows decide on), memoised for the
+        batch."""
         if self._last is not None and self._last[0] is batch:
             return self._last[1]
         groups: dict[tuple[str, int, bool], list[tuple[int, KnnLm]]] = {}
-        for i, params in zip(*batch.rows_using(KnnLm)):
+        for i, params in _searching(*batch.rows_using(KnnLm), logits):
             key = (params.datastore, params.nprobe, params.recompute)
             groups.setdefault(key, []).append((i, params))
         found = [_search(batch, key, members) for key, members in groups.items()]
         self._last = (batch, found)
         return found
+
+
+def _searching(rows: list[int], params: list[KnnLm],
+               logits: torch.Tensor) -> list[tuple[int, KnnLm]]:
+    """The (row, params) that search this step: all but the adaptive rows whose entropy is
+    below their threshold."""
+    adaptive = [j for j, p in enumerate(params) if p.entropy_threshold > 0]
+    if not adaptive:
+        return list(zip(rows, params))
+    entropy = row_entropy(logits[torch.tensor([rows[j] for j in adaptive],
+                                              device=logits.device)]).tolist()
+    skipped = {j for j, h in zip(adaptive, entropy) if h < params[j].entropy_threshold}
+    return [(i, p) for j, (i, p) in enumerate(zip(rows, params)) if j not in skipped]
 
 
 def _search(batch: SamplingBatch, key: tuple[str, int, bool],

@@ -12,7 +12,8 @@ import sys
 from retrieval.corpus import DEFAULT_STRIDE, DEFAULT_WINDOW
 
 CORPUS_HELP = ("text file (one document), JSONL with a \"text\" field (one document per line), "
-               "kjv:train / kjv:heldout (King James Bible split by book) or kjv:BOOK[,BOOK...]")
+               "kjv:train / kjv:heldout (King James Bible split by book), kjv:BOOK[,BOOK...] or "
+               "pydoc:topics (CPython's documentation topics)")
 
 
 def add_parsers(sub, add_model_args) -> None:
@@ -41,6 +42,10 @@ def add_parsers(sub, add_model_args) -> None:
     e.add_argument("--knn-temperature", default="1", metavar="T[,T...]",
                    help="softmax temperature of the neighbours' -distances; a comma list "
                         "prints one line per (temperature, lambda)")
+    e.add_argument("--entropy-threshold", default="0", metavar="H[,H...]",
+                   help="adaptive retrieval: positions where the model's entropy (nats) is "
+                        "below H are scored without the datastore; a comma list sweeps it "
+                        "(each line reports the fraction of positions searched)")
     e.add_argument("--nprobe", type=int, default=32)
     e.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                    help="exact distances from the stored keys (default) or FAISS's")
@@ -97,6 +102,8 @@ def _perplexity(args, make_engine_config) -> int:
 
     knn = KnnSettings(k=args.k, lambdas=_numbers(args.lambdas, "--lambda"),
                       temperatures=_numbers(args.knn_temperature, "--knn-temperature"),
+                      entropy_thresholds=_numbers(args.entropy_threshold,
+                                                  "--entropy-threshold"),
                       nprobe=args.nprobe, recompute=args.recompute)
     engine = Engine(make_engine_config(args))
     store = open_datastore_for(engine, args.datastore) if args.datastore else None

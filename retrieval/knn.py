@@ -39,6 +39,12 @@ def interpolate(lm_log_probs: torch.Tensor, knn_log_probs_: torch.Tensor,
     return torch.where(lmbda == 1, knn_log_probs_, mixed)
 
 
+def row_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) per row ([rows] float32); -inf logits allowed."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p.nan_to_num(neginf=0.0)).sum(-1)
+
+
 def mix(lm_log_probs: torch.Tensor, dists: torch.Tensor, values: torch.Tensor,
         temperature: torch.Tensor | float, lmbda: torch.Tensor | float) -> torch.Tensor:
     """The kNN-LM log-probabilities of rows whose neighbours are (`dists`, `values`); a row with

@@ -87,6 +87,9 @@ def _add_knn_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--knn-nprobe", type=int, default=None, help="IVF lists searched (32)")
     k.add_argument("--knn-no-recompute", action="store_true",
                    help="use FAISS's approximate (PQ) distances instead of exact ones")
+    k.add_argument("--knn-entropy-threshold", type=float, default=None, metavar="NATS",
+                   help="adaptive retrieval: no search at steps where the model's entropy is "
+                        "below NATS (0: always search)")
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -364,7 +367,8 @@ def datastore_spec(args) -> tuple[str, str | None]:
 def make_knn_lm(args) -> tuple:
     """The kNN-LM transform's params of the `--datastore` / `--knn-*` flags (or ())."""
     given = dict(k=args.knn_k, lmbda=args.knn_lambda, temperature=args.knn_temperature,
-                 nprobe=args.knn_nprobe, recompute=False if args.knn_no_recompute else None)
+                 nprobe=args.knn_nprobe, recompute=False if args.knn_no_recompute else None,
+                 entropy_threshold=args.knn_entropy_threshold)
     fields = {key: value for key, value in given.items() if value is not None}
     if args.datastore is None:
         if fields:

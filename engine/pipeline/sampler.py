@@ -77,10 +77,11 @@ class Sampler:
             strategies: the batchable strategy class of each row (default: from each row's
                 params, `SamplingParams.selection`).
         """
+        processed = self.process(logits, batch)  # first: transforms decide on it (kNN-LM)
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
             raw_logprobs = self.log_probs(logits, batch)
-        logits = self.process(logits, batch)
+        logits = processed
         if strategies is None:
             strategies = [registry.entry(row.params.selection).cls for row in batch.rows]
         return make_output(select(logits, batch, strategies), raw_logprobs,

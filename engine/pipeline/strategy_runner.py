@@ -92,14 +92,16 @@ class StrategyRunner:
                          eos_token_ids=r.generation.eos_token_ids,
                          captures=captures.get(r.req_id)) for r in rows],
             self.vocab_size, logits.device)
+        log_first = [r.generation.strategy.log_softmax_first for r in rows]
+        processed = logits
+        if any(log_first):
+            mask = torch.tensor(log_first, device=logits.device)[:, None]
+            processed = torch.where(mask, logits.log_softmax(dim=-1), logits)
+        # process before log_probs: transforms decide on the processed rows (kNN-LM).
+        processed = self.sampler.process(processed, batch)
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
             raw_logprobs = self.sampler.log_probs(logits, batch)
-        log_first = [r.generation.strategy.log_softmax_first for r in rows]
-        if any(log_first):
-            mask = torch.tensor(log_first, device=logits.device)[:, None]
-            logits = torch.where(mask, logits.log_softmax(dim=-1), logits)
-        processed = self.sampler.process(logits, batch)
         batchable = [i for i, r in enumerate(rows) if r.generation.strategy.batchable]
         outputs = self._select(rows, batchable, processed, batch, raw_logprobs, captures)
         if len(batchable) < len(rows):

@@ -118,7 +118,8 @@ def search_calls(monkeypatch) -> list[tuple[str, int, int]]:
     (dict(k=0), "k"), (dict(k=4097), "k"), (dict(lmbda=-0.1), "lmbda"),
     (dict(lmbda=float("nan")), "lmbda"), (dict(temperature=0.0), "temperature"),
     (dict(temperature=float("inf")), "temperature"), (dict(nprobe=0), "nprobe"),
-    (dict(datastore=""), "datastore"),
+    (dict(datastore=""), "datastore"), (dict(entropy_threshold=-0.5), "entropy_threshold"),
+    (dict(entropy_threshold=float("inf")), "entropy_threshold"),
 ])
 def test_bad_values_name_the_field(fields, field):
     with pytest.raises(InvalidArgument) as err:
@@ -185,6 +186,36 @@ def test_lambda_zero_and_missing_neighbours_keep_the_model(tmp_path):
     out = KnnLmTransform().apply_to_logprobs(log_probs.clone(), batch)
     assert torch.equal(out[0], log_probs[0])  # lambda 0: exactly the model
     assert torch.isfinite(out[1]).all()  # 3 of 8 neighbours found; the rest ignored
+
+
+def test_adaptive_rows_below_their_entropy_threshold_skip_the_search(tmp_path, search_calls):
+    rng = np.random.default_rng(4)
+    keys, values = rng.normal(size=(200, DIM)).astype(np.float16), rng.integers(0, VOCAB, 200)
+    stores.open_datastore("s", make_store(tmp_path / "s", keys, values))
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(5))
+    logits[1] *= 30  # nearly one-hot: entropy near 0
+    log_p = torch.log_softmax(logits.double(), -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)  # the oracle: H = -sum p log p
+    threshold = float(entropy[[0, 2, 3]].min()) / 2
+    assert entropy[1] < threshold
+    params = [KnnLm(datastore="s", k=8, entropy_threshold=threshold),
+              KnnLm(datastore="s", k=8, entropy_threshold=threshold),
+              KnnLm(datastore="s", k=8, entropy_threshold=1e3),  # above any entropy here
+              KnnLm(datastore="s", k=8)]
+    queries = torch.randn(4, DIM, generator=torch.Generator().manual_seed(6))
+    transform = KnnLmTransform()
+    batch = make_batch(queries, params, VOCAB)
+    out = transform.apply(logits.clone(), batch)
+    lp = transform.apply_to_logprobs(torch.log_softmax(logits, -1), batch)
+    assert search_calls == [("s", 2, 8)]  # rows 0 and 3; the logprobs path reuses it
+    for i in (1, 2):  # skipped: the model's own distribution, sampled and reported
+        assert torch.equal(out[i], logits[i])
+        assert torch.equal(lp[i], torch.log_softmax(logits, -1)[i])
+    for i in (0, 3):
+        want = brute_force(queries[i:i + 1].numpy(), keys, values, logits[i:i + 1].numpy(),
+                           [8], [1.0], [0.25])[0]
+        finite = np.isfinite(want)
+        np.testing.assert_allclose(out[i].numpy()[finite], want[finite], atol=2e-5)
 
 
 # ---- IVFPQ recall ----------------------------------------------------------------------------

@@ -59,6 +59,15 @@ def test_kjv_split_is_by_book_and_disjoint():
         read_corpus("kjv:Genesys")
 
 
+def test_pydoc_topics_are_cpythons_help_topics():
+    from pydoc_data.topics import topics
+
+    corpus = read_corpus("pydoc:topics")
+    assert {d.name: d.text for d in corpus.documents} == topics
+    assert [d.name for d in corpus.documents] == sorted(topics)
+    assert len(corpus.sha256) == 64
+
+
 def test_max_tokens_cuts_the_plan_exactly():
     corpora = [read_corpus("kjv:3 John,2 John")]
     encode = lambda text: list(range(len(text.split())))  # noqa: E731 (a word "tokenizer")

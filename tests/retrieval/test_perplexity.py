@@ -99,6 +99,33 @@ def test_a_store_of_other_books_helps_held_out_text(retrieval_engine, train_stor
     assert min(r["ppl"] for r in sweep) < sweep[0]["base_ppl"]
 
 
+def test_adaptive_retrieval_scores_low_entropy_positions_by_the_model(retrieval_engine,
+                                                                      hf_model, train_store):
+    """At threshold h, exactly the positions whose model entropy (computed here from HF's
+    logits) is at least h use the datastore: h = 0 is plain kNN-LM, a huge h the model."""
+    tokens = tokenize_corpora([read_corpus(s) for s in HELD_OUT],
+                              retrieval_engine.tokenizer.encode, WINDOW, STRIDE, ORACLE_TOKENS)
+    entropy = []
+    for w in tokens.windows:
+        with torch.inference_mode():
+            logits = hf_model(torch.tensor([tokens.prompt(w)])).logits[0].double()
+        log_p = torch.log_softmax(logits[w.score_from - w.start:], dim=-1)
+        entropy.append(-(log_p.exp() * log_p).sum(-1))
+    entropy = torch.cat(entropy)
+    thresholds = (0.0, float(entropy.median()), 1e6)
+    lines = evaluate(retrieval_engine, HELD_OUT, train_store, ORACLE_TOKENS, k=64,
+                     lambdas=(0.5,), entropy_thresholds=thresholds)
+    [plain] = evaluate(retrieval_engine, HELD_OUT, train_store, ORACLE_TOKENS, k=64,
+                       lambdas=(0.5,))
+    assert [line["entropy_threshold"] for line in lines] == list(thresholds)
+    assert lines[0]["nll"] == plain["nll"] and lines[0]["searched"] == 1.0
+    assert lines[2]["nll"] == pytest.approx(plain["base_nll"]) and lines[2]["searched"] == 0.0
+    want = float((entropy >= thresholds[1]).double().mean())
+    assert abs(lines[1]["searched"] - want) <= 2 / ORACLE_TOKENS  # ties at the median
+    lo, hi = sorted((plain["nll"], plain["base_nll"]))
+    assert lo < lines[1]["nll"] < hi
+
+
 def test_a_store_of_another_model_is_refused(retrieval_engine, train_store, tmp_path):
     meta = msgspec.structs.replace(train_store.meta, fingerprint="0" * 64, count=10)
     write_datastore(tmp_path, train_store.keys[:10], train_store.values[:10], meta)
@@ -121,3 +148,5 @@ def test_cli_prints_one_json_line_per_setting(model_dir, train_store, capsys):
     assert lines[1]["ppl"] < lines[0]["ppl"] == pytest.approx(lines[0]["base_ppl"])
     assert main(["eval", "perplexity", "--model", str(model_dir), "--text", *MEMORISED,
                  "--datastore", str(train_store.path), "--lambda", "1.5"]) == 2
+    assert main(["eval", "perplexity", "--model", str(model_dir), "--text", *MEMORISED,
+                 "--datastore", str(train_store.path), "--entropy-threshold", "-1"]) == 2

@@ -89,7 +89,9 @@ def test_served_knn_lm_equals_the_offline_engine(server, model_dir):
      "knn_lm.temperature"),
     (dict(datastore="kjv", temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT,
      "knn_lm.temperature"),
-], ids=["unknown", "empty", "k", "lambda", "temperature", "nan"])
+    (dict(datastore="kjv", entropy_threshold=-1.0), grpc.StatusCode.INVALID_ARGUMENT,
+     "knn_lm.entropy_threshold"),
+], ids=["unknown", "empty", "k", "lambda", "temperature", "nan", "entropy"])
 def test_bad_knn_requests_name_the_field(server, fields, code, field):
     with pytest.raises(grpc.RpcError) as err:
         server.stub.Generate(_request(**fields))

@@ -114,19 +114,21 @@ class BeamSearch(_message.Message):
     def __init__(self, num_beams: _Optional[int] = ..., length_penalty: _Optional[float] = ..., early_stopping: _Optional[bool] = ..., num_return: _Optional[int] = ...) -> None: ...
 
 class KnnLm(_message.Message):
-    __slots__ = ("datastore", "k", "temperature", "nprobe", "recompute")
+    __slots__ = ("datastore", "k", "temperature", "nprobe", "recompute", "entropy_threshold")
     DATASTORE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     LAMBDA_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     datastore: str
     k: int
     temperature: float
     nprobe: int
     recompute: bool
-    def __init__(self, datastore: _Optional[str] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., recompute: _Optional[bool] = ..., **kwargs) -> None: ...
+    entropy_threshold: float
+    def __init__(self, datastore: _Optional[str] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., recompute: _Optional[bool] = ..., entropy_threshold: _Optional[float] = ..., **kwargs) -> None: ...
 
 class RankGenRerank(_message.Message):
     __slots__ = ("scorer_id", "num_candidates", "rerank_every_tokens", "beam_size", "base")
