@@ -14,7 +14,10 @@ Build throughput is measured every run on a fresh 16k-key store (BUILD_SAMPLE).
 
 For each store and batch size, the same greedy requests (held-out KJV verses as prompts,
 --new-tokens each, EOS ignored) run plain and with kNN-LM; reported: decode tokens/s of both,
-their ratio, and the share of kNN-LM step time spent in `Datastore.search` (FAISS + recompute).
+their ratio, and the share of kNN-LM step time spent in `Datastore.search` (FAISS + recompute);
+with --entropy-threshold also adaptive retrieval's rate and the share of rows it searched.
+For the IVFPQ store: recall@k against exact search over all its keys (held-out queries) and the
+milliseconds of one search by batch, nprobe and recompute (what a step pays per datastore).
 The issue's target: at 1M keys, nprobe 32, batch 32, kNN-LM >= 0.6x plain greedy throughput.
 Progress on stderr; one JSON line on stdout.
 """
@@ -29,6 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import faiss  # noqa: E402
+import msgspec  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 from bench.common import emit, machine  # noqa: E402
 from decoding.knn import KnnLm  # noqa: E402
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
@@ -37,7 +45,9 @@ from engine.loader import model_fingerprint  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from retrieval import stores  # noqa: E402
 from retrieval.build import build_datastore  # noqa: E402
-from retrieval.corpus import DEFAULT_STRIDE, DEFAULT_WINDOW, kjv_books, kjv_split  # noqa: E402
+from retrieval.corpus import (DEFAULT_STRIDE, DEFAULT_WINDOW, kjv_books, kjv_split,  # noqa: E402
+                              read_corpus, tokenize_corpora)
+from retrieval.prefill import KEY_CAPTURE, prefill_windows  # noqa: E402
 from retrieval.datastore import Datastore, read_meta  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,16 +100,17 @@ class SearchClock:
     """Accumulates the wall time of every `Datastore.search` call."""
 
     def __init__(self) -> None:
-        self.seconds, self.calls = 0.0, 0
+        self.seconds, self.calls, self.rows = 0.0, 0, 0
         self._search = Datastore.search
 
     def __enter__(self) -> SearchClock:
         clock, search = self, self._search
 
-        def timed(store, *args, **kwargs):
+        def timed(store, queries, *args, **kwargs):
+            clock.rows += len(queries)
             start = time.perf_counter()
             try:
-                return search(store, *args, **kwargs)
+                return search(store, queries, *args, **kwargs)
             finally:
                 clock.seconds += time.perf_counter() - start
                 clock.calls += 1
@@ -109,6 +120,58 @@ class SearchClock:
 
     def __exit__(self, *exc) -> None:
         Datastore.search = self._search
+
+
+def heldout_queries(engine: Engine, n: int, every: int = 8) -> np.ndarray:
+    """`n` real kNN-LM queries: the keys of every `every`-th position of the held-out books
+    (which no bench store holds), computed by the engine as a build computes keys."""
+    tokens = tokenize_corpora([read_corpus("kjv:heldout")], engine.tokenizer.encode,
+                              DEFAULT_WINDOW, DEFAULT_STRIDE, n * every)
+    rows = [caps[KEY_CAPTURE.name] for batch in prefill_windows(
+        engine, tokens, [KEY_CAPTURE], range(len(tokens.windows))) for _, caps in batch]
+    return torch.cat(rows)[::every][:n].numpy()
+
+
+def recall(store: Datastore, queries: np.ndarray, ks: list[int], nprobes: list[int]) -> list:
+    """Mean recall@k of the IVFPQ index against exact search (FAISS IndexFlatL2 over every
+    stored key, float32) for each (k, nprobe): the share of the true k nearest keys the
+    approximate search returns. Recompute re-scores that same set, so it is the recall of
+    `Datastore.search` with recompute."""
+    exact = faiss.IndexFlatL2(store.meta.dim)
+    for start in range(0, len(store), 1 << 18):
+        exact.add(np.asarray(store.keys[start:start + (1 << 18)], dtype=np.float32))
+    _, truth = exact.search(queries, max(ks))
+    rows = []
+    for nprobe in nprobes:
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        _, found = store.index.search(queries, max(ks), params=params)
+        for k in ks:
+            hits = [len(np.intersect1d(t[:k], f[:k])) / k for t, f in zip(truth, found)]
+            rows.append({"k": k, "nprobe": nprobe, "recall": round(float(np.mean(hits)), 3),
+                         "queries": len(queries)})
+            log(f"[knn] recall@{k} nprobe {nprobe}: {rows[-1]['recall']}")
+    return rows
+
+
+def search_cost(store: Datastore, queries: np.ndarray, k: int, batches: list[int],
+                nprobes: list[int], repeats: int = 5) -> list:
+    """Milliseconds of one `Datastore.search` (what one decode step pays per datastore) by
+    batch size, nprobe and recompute: the best of `repeats`."""
+    rows = []
+    for batch in batches:
+        q = queries[:batch]
+        for nprobe in nprobes:
+            for recompute in (True, False):
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    store.search(q, k, nprobe=nprobe, recompute=recompute)
+                    times.append(time.perf_counter() - start)
+                rows.append({"batch": batch, "nprobe": nprobe, "recompute": recompute,
+                             "k": k, "ms": round(1000 * min(times), 2)})
+                log(f"[knn] search batch {batch} nprobe {nprobe} recompute {recompute}: "
+                    f"{rows[-1]['ms']} ms")
+    return rows
 
 
 def heldout_prompts(n: int, words: int = 30) -> list[str]:
@@ -129,8 +192,9 @@ def decode_rate(engine: Engine, prompts: list[str], params: SamplingParams) -> t
 
 
 def measure(engine: Engine, name: str, batch: int, args, prompts: list[str]) -> dict:
-    plain = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    knn = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, transforms=(
+    plain = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, temperature=0.0)
+    knn = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, temperature=0.0,
+                         transforms=(
         KnnLm(datastore=name, k=args.k, lmbda=0.25, nprobe=args.nprobe),))
     group = prompts[:batch]
     engine.generate(group, SamplingParams(max_new_tokens=2))  # warm
@@ -146,9 +210,19 @@ def measure(engine: Engine, name: str, batch: int, args, prompts: list[str]) -> 
     best = max(rates)
     row = {"store": name, "batch": batch, "plain_tok_s": round(best_plain, 1),
            "knn_tok_s": round(best, 1), "knn_over_plain": round(best / best_plain, 3),
-           "search_share": round(min(share), 3), "searches_per_step": 1}
+           "search_share": round(min(share), 3),
+           "searches_per_step": round(clock.calls / args.new_tokens, 2)}
     log(f"[knn] {name} batch {batch}: plain {best_plain:.1f} tok/s, kNN-LM {best:.1f} tok/s "
         f"({row['knn_over_plain']}x), search {100 * row['search_share']:.0f}% of step time")
+    if args.entropy_threshold > 0:  # adaptive retrieval: fewer rows searched per step
+        adaptive = msgspec.structs.replace(knn, transforms=(msgspec.structs.replace(
+            knn.transforms[0], entropy_threshold=args.entropy_threshold),))
+        with SearchClock() as clock:
+            rate, tokens = max(decode_rate(engine, group, adaptive) for _ in range(args.repeats))
+        row.update(adaptive_tok_s=round(rate, 1),
+                   adaptive_searched=round(clock.rows / (args.repeats * tokens), 3))
+        log(f"[knn] {name} batch {batch}: adaptive (H < {args.entropy_threshold} skips) "
+            f"{rate:.1f} tok/s, {100 * row['adaptive_searched']:.0f}% of rows searched")
     return row
 
 
@@ -182,9 +256,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--nprobe", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--entropy-threshold", type=float, default=0.0,
+                    help="also measure adaptive retrieval at this threshold (nats)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--stores-dir", type=Path, default=REPO / "bench" / "results" / "knn")
     ap.add_argument("--plot", action="store_true", help="write bench/results/knn.png")
+    ap.add_argument("--recall-queries", type=int, default=1024,
+                    help="held-out queries for the IVFPQ store's recall@k (0: skip)")
     ap.add_argument("--build-only", action="store_true",
                     help="build the missing stores of --sizes and exit")
     return ap.parse_args()
@@ -210,7 +288,12 @@ def main() -> None:
     for size in args.sizes.split(","):
         path, built = ensure_store(engine, size, args.stores_dir)
         record["stores"][size] = built
-        stores.open_datastore(size, path, fingerprint)
+        store = stores.open_datastore(size, path, fingerprint)
+        if store.kind == "ivfpq" and args.recall_queries:
+            queries = heldout_queries(engine, args.recall_queries)
+            record["recall"] = recall(store, queries, [16, args.k], [8, args.nprobe, 128])
+            record["search_ms"] = search_cost(store, queries, args.k, batches,
+                                              [8, args.nprobe, 128])
         for batch in batches:
             record["decode"].append(measure(engine, size, batch, args, prompts))
     target = next((r for r in record["decode"] if r["store"] == "1m" and r["batch"] == 32), None)

@@ -27,8 +27,8 @@ import numpy as np
 from engine.loader import model_fingerprint
 from retrieval.corpus import (DEFAULT_STRIDE, DEFAULT_WINDOW, Corpus, TokenizedCorpus,
                               read_corpus, tokenize_corpora)
-from retrieval.datastore import (INDEX, KEYS, META, VALUES, CorpusFile, DatastoreMeta,
-                                 build_index)
+from retrieval.datastore import (INDEX, KEYS, META, TRAIN_KEYS, VALUES, CorpusFile,
+                                 DatastoreMeta, build_index, resolve_kind)
 from retrieval.prefill import KEY_CAPTURE, prefill_windows, progress_bar
 
 if TYPE_CHECKING:
@@ -184,7 +184,10 @@ def _flush(out: Path, keys: np.ndarray, values: np.ndarray, progress: _Progress)
 
 
 def _finish(out: Path, plan: BuildPlan, keys: np.ndarray, show_progress: bool) -> DatastoreMeta:
-    bar = progress_bar(show_progress, total=plan.count, desc="faiss index", unit="key")
+    desc = "faiss index"
+    if resolve_kind(plan.count, plan.index) == "ivfpq":  # training shows no progress of its own
+        desc += f" (IVFPQ: training on {min(plan.count, TRAIN_KEYS):,} keys first)"
+    bar = progress_bar(show_progress, total=plan.count, desc=desc, unit="key")
     index, params = build_index(keys, plan.index, progress=lambda n: bar.update(n - bar.n))
     bar.close()
     tmp = out / f"{INDEX}.tmp"

@@ -15,18 +15,23 @@ store larger than RAM works. `search` is one FAISS call for a whole batch of que
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
 import msgspec
 import numpy as np
+import torch
 
 FORMAT_VERSION = 1
 META, KEYS, VALUES, INDEX = "meta.json", "keys.npy", "values.npy", "index.faiss"
 FLAT_MAX_KEYS = 200_000
 """`auto` indexes below this many keys exactly (IndexFlatL2), above with IVFPQ."""
-RECOMPUTE_BLOCK_ELEMENTS = 1 << 24
-"""Gathered key elements per block of the exact recompute (64 MB of float32)."""
+TRAIN_KEYS = 1_000_000
+"""IVFPQ trains on a seeded sample of at most this many keys (the reference's 1M)."""
+RECOMPUTE_BLOCK_ELEMENTS = 1 << 19
+"""Gathered key elements per block of the exact recompute (2 MB of float32: cache-sized)."""
 
 
 class IndexParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,8 +72,15 @@ class DatastoreMeta(msgspec.Struct, frozen=True, kw_only=True):
     """The dtype the model ran in."""
 
 
+def resolve_kind(count: int, kind: str) -> str:
+    """The index kind `build_index` makes for `count` keys when asked for `kind`."""
+    if kind == "auto":
+        return "flat" if count < FLAT_MAX_KEYS else "ivfpq"
+    return kind
+
+
 def build_index(keys: np.ndarray, kind: str = "auto", ncentroids: int = 4096,
-                code_size: int = 64, train_keys: int = 1_000_000, seed: int = 1,
+                code_size: int = 64, train_keys: int = TRAIN_KEYS, seed: int = 1,
                 add_batch: int = 65_536, progress=None) -> tuple[faiss.Index, IndexParams]:
     """A FAISS index over `keys` ([n, d], any float dtype; rows are added in batches so a
     memory-mapped array is never loaded whole).
@@ -78,8 +90,7 @@ def build_index(keys: np.ndarray, kind: str = "auto", ncentroids: int = 4096,
     seeded sample of at most `train_keys` keys. `progress(n_added)` is called after each batch.
     """
     n, dim = keys.shape
-    if kind == "auto":
-        kind = "flat" if n < FLAT_MAX_KEYS else "ivfpq"
+    kind = resolve_kind(n, kind)
     if kind == "flat":
         index, params = faiss.IndexFlatL2(dim), IndexParams(kind="flat")
     elif kind == "ivfpq":
@@ -178,17 +189,32 @@ class Datastore:
         return dists, np.asarray(self.values[safe], dtype=np.int64) * found
 
     def _exact_distances(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Squared L2 from each query to the stored keys `ids` [b, k], in row blocks: the
-        gather is [rows, k, dim] float32, and a whole evaluation batch (thousands of rows at
-        k = 1024) would need gigabytes at once."""
+        """Squared L2 from each query to the stored keys `ids` [b, k], in blocks of about
+        RECOMPUTE_BLOCK_ELEMENTS gathered elements (one row at k = 1024) spread over torch's
+        thread count: a block's float32 keys stay in cache between the cast and the distance
+        (about 3x faster at batch 32 than one pass over the whole batch), and the gather, cast
+        and einsum release the GIL. Each row's distances are computed alone, so they do not
+        depend on the batch."""
         dists = np.empty(ids.shape, dtype=np.float32)
         rows = max(1, RECOMPUTE_BLOCK_ELEMENTS // (ids.shape[1] * self.meta.dim))
-        for start in range(0, len(ids), rows):
-            block = ids[start:start + rows]
-            # Row-sorted reads keep memmap access sequential-ish.
-            order = np.argsort(block, axis=None)
-            flat = np.empty((block.size, self.meta.dim), dtype=np.float32)
-            flat[order] = self.keys[block.reshape(-1)[order]]
-            diff = flat.reshape(*block.shape, -1) - queries[start:start + rows, None, :]
+
+        def block(start: int) -> None:
+            part = ids[start:start + rows]
+            gathered = self.keys[part.reshape(-1)]  # one fancy-index read of the memmap
+            # float16 -> float32 in torch: vectorised, about twice numpy's per-element cast.
+            keys = torch.from_numpy(gathered).float().numpy().reshape(*part.shape, -1)
+            diff = keys - queries[start:start + rows, None, :]
             dists[start:start + rows] = np.einsum("bkd,bkd->bk", diff, diff)
+
+        starts = range(0, len(ids), rows)
+        if len(starts) == 1:
+            block(0)
+        else:
+            list(_recompute_pool().map(block, starts))
         return dists
+
+
+@functools.cache
+def _recompute_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, torch.get_num_threads()),
+                              thread_name_prefix="knn-recompute")
