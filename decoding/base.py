@@ -28,21 +28,15 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Self
 
 import msgspec
 import torch
 
 
-class InvalidArgument(ValueError):
-    """A request field has a value the engine will not accept: the one error type of engine
-    and decoding validation (the server maps it to INVALID_ARGUMENT).
-
-    Attributes:
-        field: Path of the offending field, as spelled in the request (e.g. "top_p",
-            "strategy.num_beams").
-        reason: Human-readable rule that the value broke (e.g. "must be in (0, 1]").
-    """
+class _FieldError(Exception):
+    """An error about one request field: `field` (its path) and `reason`, printed
+    "field: reason", picklable, and re-rooted under a parent path by `under`."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
@@ -54,12 +48,26 @@ class InvalidArgument(ValueError):
         # two arguments; without this the error cannot cross a process boundary.
         return (type(self), (self.field, self.reason))
 
-    def under(self, prefix: str) -> InvalidArgument:
+    def __str__(self) -> str:  # LookupError's str would quote the message like a KeyError
+        return f"{self.field}: {self.reason}"
+
+    def under(self, prefix: str) -> Self:
         """The same error with its field path nested under `prefix`."""
-        return InvalidArgument(f"{prefix}.{self.field}" if prefix else self.field, self.reason)
+        return type(self)(f"{prefix}.{self.field}" if prefix else self.field, self.reason)
 
 
-class NotFound(LookupError):
+class InvalidArgument(_FieldError, ValueError):
+    """A request field has a value the engine will not accept: the one error type of engine
+    and decoding validation (the server maps it to INVALID_ARGUMENT).
+
+    Attributes:
+        field: Path of the offending field, as spelled in the request (e.g. "top_p",
+            "strategy.num_beams").
+        reason: Human-readable rule that the value broke (e.g. "must be in (0, 1]").
+    """
+
+
+class NotFound(_FieldError, LookupError):
     """A request names something this process has not loaded (a kNN-LM datastore); the
     server maps it to NOT_FOUND. Checked when the engine admits the request, not when its
     params are built: params are plain values, and a client builds them for a remote server.
@@ -68,20 +76,6 @@ class NotFound(LookupError):
         field: Path of the naming field (e.g. "knn_lm.datastore").
         reason: What is missing and what is loaded instead.
     """
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-    def __reduce__(self):
-        return (type(self), (self.field, self.reason))
-
-    def __str__(self) -> str:  # LookupError's str would quote the message like a KeyError
-        return f"{self.field}: {self.reason}"
-
-    def under(self, prefix: str) -> NotFound:
-        return NotFound(f"{prefix}.{self.field}" if prefix else self.field, self.reason)
 
 
 class Capture(msgspec.Struct, frozen=True):

@@ -148,7 +148,8 @@ def _score(engine: Engine, hidden: torch.Tensor, targets: torch.Tensor, neighbou
         base += lm_target.double().sum().item()
         if not grid:
             continue
-        search = [row_entropy(lm) >= h for h in thresholds]  # h = 0: every row
+        entropy = row_entropy(lm)
+        search = [entropy >= h for h in thresholds]  # h = 0: every row
         above += [int(s.sum()) for s in search]
         for j, (temperature, lam) in enumerate(grid):
             out = mix_at_targets(lm, neighbours[0][rows], neighbours[1][rows], target[:, 0],
