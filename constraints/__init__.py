@@ -1,0 +1,1 @@
+"""Constrained generation: token vocabularies, grammar masking backends and AWRS conditions."""
