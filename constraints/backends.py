@@ -16,6 +16,7 @@ sequence spelling it; `check` accepts both in llguidance too.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -57,6 +58,7 @@ class Matcher(Protocol):
     def consume(self, token: int) -> bool: ...
     def accepts(self) -> bool: ...
     def check(self, token: int) -> bool: ...
+    def copy(self) -> Matcher: ...
 
 
 class Backend(Protocol):
@@ -127,7 +129,16 @@ class _LlgMatcher:
     def __init__(self, matcher, vocab: TokenVocabulary) -> None:
         import llguidance.numpy as lln
 
-        self._m, self._lln, self._eos = matcher, lln, set(vocab.eos_token_ids)
+        self._m, self._lln, self._vocab = matcher, lln, vocab
+        self._eos = set(vocab.eos_token_ids)
+
+    def copy(self) -> _LlgMatcher:
+        return _LlgMatcher(self._m.deep_copy(), self._vocab)
+
+    @property
+    def raw(self):
+        """The llguidance LLMatcher (for parallel mask fills)."""
+        return self._m
 
     def forced(self) -> bool:
         """Whether the grammar forces the next bytes (the mask is then canonical only)."""
@@ -135,7 +146,11 @@ class _LlgMatcher:
 
     def fill_mask(self, row: np.ndarray) -> None:
         self._lln.fill_next_token_bitmask(self._m, row[None], 0)
-        if not self._m.is_accepting():  # EOS only where the grammar accepts
+        self.fix_eos(row)
+
+    def fix_eos(self, row: np.ndarray) -> None:
+        """EOS only where the grammar accepts (after a fill of `row`)."""
+        if not self._m.is_accepting():
             bits = row.view(np.uint32)
             for t in self._eos:
                 bits[t // 32] &= ~np.uint32(1 << (t % 32))
@@ -202,7 +217,10 @@ class OutlinesBackend:
 
 class _OutlinesMatcher:
     def __init__(self, guide, vocab: TokenVocabulary) -> None:
-        self._g, self._eos = guide, set(vocab.eos_token_ids)
+        self._g, self._vocab, self._eos = guide, vocab, set(vocab.eos_token_ids)
+
+    def copy(self) -> _OutlinesMatcher:
+        return _OutlinesMatcher(copy.copy(self._g), self._vocab)
 
     def fill_mask(self, row: np.ndarray) -> None:
         row[:] = 0

@@ -1,5 +1,6 @@
 """Decoding plug-ins. Importing the package registers every built-in (see `decoding.registry`):
-the transforms of `decoding.transforms` and kNN-LM (`decoding.knn`), and the strategies greedy,
+the transforms of `decoding.transforms`, kNN-LM (`decoding.knn`) and constraint masks
+(`decoding.constraint`), and the strategies greedy,
 sampling, contrastive and beam, in that order (the order `GetModelInfo.strategies` and
 `--strategy` list them)."""
 
@@ -8,3 +9,4 @@ from decoding import params, transforms  # noqa: F401
 from decoding import sampling  # noqa: F401  (greedy, sampling)
 from decoding import contrastive, beam_search  # noqa: F401
 from decoding import knn  # noqa: F401  (the kNN-LM transform)
+from decoding import constraint  # noqa: F401  (grammar masks)

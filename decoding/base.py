@@ -135,6 +135,8 @@ class SamplingRow(msgspec.Struct, frozen=True, kw_only=True):
     """Masked together with `params.stop_token_ids` while below `params.min_new_tokens`."""
     captures: dict | None = None
     """Capture name -> [hidden] tensor of this row, for the captures its plug-ins declared."""
+    constraint: Any = None
+    """The branch's `constraints.compiler.ConstraintState` when the request is constrained."""
 
 
 class SparseLogitEdit(NamedTuple):
@@ -404,6 +406,8 @@ class SelectionStrategy(abc.ABC):
     needs_prompt_hidden: ClassVar[bool] = False
     log_softmax_first: ClassVar[bool] = False
     """The transforms see log-probabilities instead of raw logits (beam search sums them)."""
+    checks_constraint: ClassVar[bool] = False
+    """The strategy checks the request's constraint itself (AWRS): its rows are not masked."""
     streams_output: ClassVar[bool] = True
     """True: tokens are emitted as they are decided (the engine applies stop criteria).
     False: the strategy finishes by itself and returns candidates (e.g. beam search)."""

@@ -14,11 +14,16 @@ Per step, with B beams and E end-of-sequence ids:
 The heuristic: the best running beam's score / generated_len ** length_penalty must beat the
 worst kept hypothesis while all B slots are full; once it cannot, it never can again.
 
+Continuations with score -inf (tokens a transform such as a constraint mask removed) never
+become running beams: fewer than B run when fewer are possible, and none ends the search.
+
 Branches: a parent beam whose first selected continuation is its own keeps its branch (append),
 further continuations fork it, unselected parents are freed.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +32,11 @@ from decoding.registry import register_strategy
 from decoding.params import BeamSearch as BeamParams
 
 _NEG = -1.0e9
+
+
+class _Kept(NamedTuple):
+    values: torch.Tensor
+    indices: torch.Tensor
 
 
 @register_strategy(BeamParams)
@@ -64,9 +74,11 @@ class BeamSearch(SelectionStrategy):
         hits = torch.tensor([at_limit or t in eos for t in tokens])
         self._update_finished(top_scores, hits, parents, tokens, outputs, gen_len)
         keep = (top_scores + hits.float() * _NEG).topk(b)
+        possible = torch.isfinite(keep.values)  # a -inf continuation (a masked token) never runs
+        keep = _Kept(keep.values[possible], keep.indices[possible])
         decision = self._next_beams(keep, parents, tokens)
         self._check_improvable(gen_len)
-        done = (not self._improvable or bool(hits.all())
+        done = (not self._beams or not self._improvable or bool(hits.all())
                 or (self.params.early_stopping and bool(self._finished_flags.all())))
         if done:
             decision.finished = True
@@ -117,7 +129,7 @@ class BeamSearch(SelectionStrategy):
         return StepDecision(forks=forks, appends=appends, frees=frees)
 
     def _check_improvable(self, gen_len: int) -> None:
-        if not self._improvable or not bool(self._finished_flags.all()):
+        if not self._beams or not self._improvable or not bool(self._finished_flags.all()):
             return  # an empty slot has score -1e9: anything running can still beat it
         best_running = self._scores[0] / (gen_len ** self.params.length_penalty)
         self._improvable = bool(best_running > self._finished_scores.min())

@@ -8,7 +8,8 @@ The engine runs the k single-token branches together with all other traffic; tha
 forward yields both the hidden state h_v of each candidate (the LM-head input at its
 position) and the logits of the position after it. The winner is
 argmax_v (1 - alpha) p(v) - alpha max_j cos(h_v, h_j) over the hidden states h_j of every
-previous position (prompt and generated); the winner's branch lives on and its logits seed the
+previous position (prompt and generated), among the candidates with p(v) > 0 (fewer than
+top_k when a transform such as a constraint mask leaves fewer); the winner's branch lives on and its logits seed the
 next step, the other branches are freed. Ties go to the candidate ranked first by p(v), as with
 `torch.argmax` in the Hugging Face implementation.
 """
@@ -63,7 +64,9 @@ class ContrastiveSearch(SelectionStrategy):
     def _expand(self, branch: int, logits: torch.Tensor, emit: list[int]) -> StepDecision:
         """Makes one branch per top-k candidate of `branch`: `branch` itself takes the first
         (forks are applied before appends, so the others fork from its current tokens)."""
-        k = min(self.params.top_k, logits.shape[-1])
+        # Only tokens the transforms left possible (a constraint mask sets the rest to -inf;
+        # at p = 0 a token could still win on the degeneration penalty).
+        k = min(self.params.top_k, int(torch.isfinite(logits).sum()))
         probs, tokens = logits.softmax(dim=-1).topk(k)
         probs, tokens = probs.tolist(), tokens.tolist()
         forks, self._candidates = [], [(branch, tokens[0], probs[0])]

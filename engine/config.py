@@ -121,3 +121,7 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
     seed: int = 0
     """Seeds the draw of per-request sampling seeds for requests that give none."""
+    constraint_backend: str = "llguidance"
+    """Backend of constraints that name none: "llguidance" or "outlines"."""
+    max_constraint_compile_s: float = 10.0
+    """A constraint that takes longer to compile is refused (INVALID_ARGUMENT)."""

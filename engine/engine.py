@@ -28,6 +28,7 @@ from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.pipeline.strategy_runner import StrategyRunner
 from engine.tokenizer import Tokenizer
+from constraints.compiler import ConstraintCompiler, ConstraintStats
 
 
 class Engine:
@@ -58,14 +59,20 @@ class Engine:
         self.generations = StrategyRunner(self.port, self.vocab_size,
                                           device=self.runner.device)
         self._seed_rng = random.Random(config.seed)
+        self.constraints = ConstraintCompiler(self.tokenizer, config.constraint_backend,
+                                              config.max_constraint_compile_s)
         self._req_counter = itertools.count()
 
     # ---- requests ----------------------------------------------------------------------------
 
     def make_request(self, prompt: str | Sequence[int] | StructuredPrompt,
                      params: SamplingParams | None = None, req_id: str | None = None,
-                     captures: Sequence[str | Capture] = (), extra_key=None) -> Generation:
+                     captures: Sequence[str | Capture] = (), extra_key=None,
+                     compiled=None) -> Generation:
         """Validates and tokenizes a request without touching engine state (thread-safe).
+
+        A constrained request's constraint is compiled here (blocking, under the time limit)
+        unless `compiled` is given (`self.constraints.compile_async` on a server's loop).
 
         A `StructuredPrompt` (parallel sets: Set-Based Prompting) gets its own position ids and
         attention structure, and its own prefix-cache key. Captures are `Capture`s or their
@@ -85,6 +92,10 @@ class Engine:
         gen = Generation(req_id, token_ids, params, seed, self.tokenizer.eos_token_ids,
                          captures=wanted, extra_key=extra_key, layout=layout)
         self._validate(gen)
+        constraint = params.constraint
+        if constraint is not None:
+            gen.constraint = compiled or self.constraints.compile(constraint)
+            gen.constraint_stats = ConstraintStats()
         if layout is not None and self.kv_cache.state_slots:
             self._validate_sets_fit_one_chunk(layout)
         return gen

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from constraints.compiler import ConstraintReport
+
 
 class TokenLogprob(msgspec.Struct, frozen=True, gc=False):
     token_id: int
@@ -43,6 +45,8 @@ class RequestOutput(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """Seconds from arrival to the first step that ran the request (None: never ran)."""
     candidates: list[Candidate] | None = None
     """On the final output of a strategy that returns several sequences (beam search)."""
+    constraint: ConstraintReport | None = None
+    """On the final output of a constrained request: masks and checks it cost."""
 
 
 class CompletionOutput(msgspec.Struct, kw_only=True):
@@ -60,3 +64,4 @@ class CompletionOutput(msgspec.Struct, kw_only=True):
     candidates: list[Candidate] | None = None
     """The n best sequences of strategies that return several (beam search), best first;
     `token_ids` / `text` are the first of them."""
+    constraint: ConstraintReport | None = None

@@ -108,6 +108,14 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         self._validate_transforms()
 
     @property
+    def constraint(self):
+        """The request's `decoding.constraint.Constraint`, if it lists one."""
+        for params in self.transforms:
+            if registry.entry(params).name == "constraint":
+                return params
+        return None
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
 

@@ -64,7 +64,8 @@ class Request(TokenSequence):
     __slots__ = ("req_id", "generation", "branch", "prompt_token_ids", "all_token_ids",
                  "num_prompt_tokens", "seed", "captures", "extra_key", "layout",
                  "no_prefix_cache", "num_computed_tokens", "num_cached_tokens",
-                 "num_preemptions", "num_forward_tokens", "status", "first_scheduled_time")
+                 "num_preemptions", "num_forward_tokens", "status", "first_scheduled_time",
+                 "constraint_state")
 
     def __init__(self, req_id: str, prompt_token_ids: list[int], *, generation: Generation,
                  branch: int = 0, seed: int = 0, captures: frozenset[Capture] = frozenset(),
@@ -89,6 +90,9 @@ class Request(TokenSequence):
         """PromptLayout of a structured prompt (position ids and set membership per prompt
         token); None for a sequential prompt."""
         self.no_prefix_cache = no_prefix_cache
+        self.constraint_state = None
+        """The branch's constraint matcher (`constraints.compiler.ConstraintState`), when the
+        generation is constrained; a fork copies it."""
         """Compute every prompt token (a strategy needs the hidden states of all of them)."""
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
@@ -129,6 +133,8 @@ class Request(TokenSequence):
                         extra_key=self.extra_key, layout=self.layout)
         child.all_token_ids = list(self.all_token_ids)
         child.num_computed_tokens = self.num_computed_tokens
+        if self.constraint_state is not None and child.generation is self.generation:
+            child.constraint_state = self.constraint_state.fork()
         return child
 
     def __repr__(self) -> str:

@@ -66,6 +66,11 @@ class Generation(TokenSequence):
         num_prompt_captured), in order (collected from the prompt branch's steps)."""
         self.num_prompt_captured = 0
         self.freed_forward_tokens = 0
+        self.constraint = None
+        """The request's compiled constraint (`constraints.compiler.Compiled`), set at
+        admission; its branches hold matchers of it."""
+        self.constraint_stats = None
+        """`constraints.compiler.ConstraintStats` of all branches, when constrained."""
 
     @property
     def max_branches(self) -> int:

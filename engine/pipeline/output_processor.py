@@ -79,7 +79,8 @@ class OutputProcessor:
             num_forward_tokens=req.num_forward_tokens,
             queue_time=None if req.first_scheduled_time is None
             else req.first_scheduled_time - req.arrival_time,
-            candidates=self._candidates(req) if finished else None)
+            candidates=self._candidates(req) if finished else None,
+            constraint=_report(req) if finished else None)
 
     def finish(self, req: Generation) -> RequestOutput:
         """The final delta of a request that ended outside a step (abort)."""
@@ -91,10 +92,15 @@ class OutputProcessor:
             index=index, req_id=req.req_id, prompt_token_ids=req.prompt_token_ids,
             token_ids=req.output_token_ids, text=req.output_text,
             finish_reason=req.status.value, logprobs=req.logprobs,
-            num_cached_tokens=req.num_cached_tokens, candidates=self._candidates(req))
+            num_cached_tokens=req.num_cached_tokens, candidates=self._candidates(req),
+            constraint=_report(req))
 
     def _candidates(self, req: Generation) -> list[Candidate] | None:
         if req.candidates is None:
             return None
         return [Candidate(token_ids=list(t), text=self.tokenizer.decode(t), score=score)
                 for t, score in req.candidates]
+
+
+def _report(req: Generation):
+    return req.constraint_stats.report() if req.constraint_stats is not None else None

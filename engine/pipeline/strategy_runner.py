@@ -55,6 +55,8 @@ class StrategyRunner:
                        seed=gen.seed, captures=frozenset(captures), extra_key=gen.extra_key,
                        layout=gen.layout,
                        no_prefix_cache=any(c.all_positions for c in captures))
+        if gen.constraint is not None:
+            root.constraint_state = gen.constraint.state(gen.constraint_stats)
         gen.branches[0] = root
         self.port.add(gen, root)
         self.by_id[gen.req_id] = gen
@@ -62,8 +64,10 @@ class StrategyRunner:
     def add_forked(self, gen: Generation, parent: Request, seed: int) -> None:
         """Starts a generation whose prompt branch is a fork of another generation's sequence
         (it continues from every token the parent has)."""
-        gen.branches[0] = self.port.fork(parent, gen.req_id, 0, seed, keep=set(),
-                                         generation=gen)
+        root = self.port.fork(parent, gen.req_id, 0, seed, keep=set(), generation=gen)
+        if gen.constraint is not None:  # the whole output is constrained, parent's part too
+            root.constraint_state = gen.constraint.state(gen.constraint_stats)
+        gen.branches[0] = root
         self.port.add(gen, None)
         self.by_id[gen.req_id] = gen
 
@@ -90,7 +94,8 @@ class StrategyRunner:
             [SamplingRow(params=r.generation.params, prompt_token_ids=r.prompt_token_ids,
                          output_token_ids=r.output_token_ids, seed=r.seed,
                          eos_token_ids=r.generation.eos_token_ids,
-                         captures=captures.get(r.req_id)) for r in rows],
+                         captures=captures.get(r.req_id),
+                         constraint=r.constraint_state) for r in rows],
             self.vocab_size, logits.device)
         log_first = [r.generation.strategy.log_softmax_first for r in rows]
         processed = logits
