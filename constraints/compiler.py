@@ -30,8 +30,8 @@ from constraints.backends import (Grammar, LlguidanceBackend, Matcher, OutlinesB
                                   mask_words)
 from constraints.vocabulary import TokenVocabulary, token_vocabulary
 from decoding.base import InvalidArgument
+from decoding.constraint import BACKENDS
 
-BACKENDS = ("llguidance", "outlines")
 DEFAULT_BACKEND = "llguidance"
 """llguidance compiles in milliseconds (outlines-core builds a whole DFA x vocabulary index:
 0.7 s for a 600-character schema regex) and its masks are exact after accepting prefixes

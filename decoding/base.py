@@ -315,6 +315,11 @@ class StepView(msgspec.Struct, kw_only=True):
     max_new_tokens: int = 16
     min_new_tokens: int = 0
     ignore_eos: bool = False
+    seed: int = 0
+    """The request's seed (or the one the engine drew for it)."""
+    condition: Any = None
+    """Strategies that set `checks_constraint`: the generation's `constraints.condition.
+    Condition` (its constraint and / or predicate)."""
 
 
 class Fork(msgspec.Struct, frozen=True):

@@ -32,12 +32,12 @@ import msgspec
 import numpy as np
 import torch
 
-from constraints.backends import Grammar, mask_words
-from constraints.compiler import BACKENDS, fill_masks
 from decoding.base import InvalidArgument, SamplingBatch, Transform
 from decoding.registry import entry, register_transform
 
+# `constraints` imports `decoding.base`, so its modules are imported where they are used.
 KINDS = ("regex", "json_schema", "grammar", "choice")
+BACKENDS = ("llguidance", "outlines")
 MAX_CONSTRAINT_BYTES = 65536
 MAX_CHOICES = 4096
 
@@ -90,7 +90,10 @@ class Constraint(msgspec.Struct, frozen=True, kw_only=True, tag="constraint"):
     def kind(self) -> str:
         return next(k for k in KINDS if getattr(self, k) is not None)
 
-    def to_grammar(self) -> Grammar:
+    def to_grammar(self):
+        """The backends' `constraints.backends.Grammar`."""
+        from constraints.backends import Grammar
+
         kind = self.kind
         text = json.dumps(list(self.choice)) if kind == "choice" else getattr(self, kind)
         return Grammar(kind, text)
@@ -138,6 +141,9 @@ class ConstraintMask(Transform):
             and bool(constrained_rows(batch))
 
     def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        from constraints.backends import mask_words
+        from constraints.compiler import fill_masks
+
         rows = constrained_rows(batch)
         states = [batch.rows[i].constraint for i in rows]
         for i, state in zip(rows, states):

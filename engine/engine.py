@@ -12,7 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from decoding.base import Capture
+from constraints.compiler import ConstraintCompiler, ConstraintStats
+from constraints.condition import Condition
+from constraints.predicates import get_predicate, predicate_names
+from decoding import registry
+from decoding.base import Capture, NotFound
 from engine.core.cache_manager import create_cache_manager
 from engine.config import EngineConfig
 from engine.errors import InvalidArgument
@@ -28,7 +32,6 @@ from engine.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.pipeline.strategy_runner import StrategyRunner
 from engine.tokenizer import Tokenizer
-from constraints.compiler import ConstraintCompiler, ConstraintStats
 
 
 class Engine:
@@ -96,6 +99,8 @@ class Engine:
         if constraint is not None:
             gen.constraint = compiled or self.constraints.compile(constraint)
             gen.constraint_stats = ConstraintStats()
+        if type(gen.strategy).checks_constraint:
+            gen.condition = self._condition(gen)
         if layout is not None and self.kv_cache.state_slots:
             self._validate_sets_fit_one_chunk(layout)
         return gen
@@ -135,6 +140,20 @@ class Engine:
             if capture.layer is not None and not -num_layers <= capture.layer < num_layers:
                 raise InvalidArgument("captures", f"{capture.name}: the model has "
                                       f"{num_layers} layers")
+
+    def _condition(self, gen: Generation) -> Condition:
+        """The condition of a strategy that checks tokens itself (AWRS): the request's
+        constraint and / or the predicate its params name."""
+        name = getattr(gen.params.selection, "predicate", "")
+        predicate = get_predicate(name) if name else None
+        if name and predicate is None:
+            raise NotFound("strategy.predicate", f"unknown predicate {name!r}; registered: "
+                           f"{', '.join(predicate_names()) or 'none'}")
+        if gen.constraint is None and predicate is None:
+            raise InvalidArgument("strategy", f"{registry.entry(gen.params.selection).name} "
+                                  f"needs a constraint or a predicate")
+        gen.constraint_stats = gen.constraint_stats or ConstraintStats()
+        return Condition(self.constraints.vocab, gen.constraint_stats, gen.constraint, predicate)
 
     def _validate_sets_fit_one_chunk(self, layout) -> None:
         # A state slot cannot hold a half-computed parallel set (see StateCacheManager), so

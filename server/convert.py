@@ -164,7 +164,8 @@ def to_submission(msg: pb.GenerateRequest, ctx: Context, request_id: str | None 
     _require(num_tokens <= ctx.max_prompt_tokens, "prompt",
              f"{num_tokens} tokens; at most {ctx.max_prompt_tokens} allowed")
     want_logprobs = response.logprobs or response.top_logprobs > 0
-    strategy, transforms = _strategy(msg.decoding), _transforms(msg.transforms) + _knn_lm(msg)
+    strategy = _strategy(msg.decoding)
+    transforms = _transforms(msg.transforms) + _knn_lm(msg) + _constraint(msg)
     try:
         params = _sampling_params(msg, want_logprobs, strategy, transforms)
     except InvalidArgument as exc:
@@ -182,10 +183,6 @@ def _check_reserved(msg: pb.GenerateRequest) -> None:
     strategy = msg.decoding.WhichOneof("strategy")
     if strategy not in (None, "plugin") and strategy not in registry.strategy_names():
         raise Unimplemented(f"decoding.{strategy}", "this strategy is not available yet")
-    constraint = msg.constraint.WhichOneof("kind")
-    if constraint is not None:
-        raise Unimplemented(f"constraint.{constraint}", "constrained decoding is not "
-                            "available yet")
     if msg.priority != 0:
         raise Unimplemented("priority", "priority scheduling is not available; send 0")
     if msg.response.prompt_logprobs:
@@ -282,6 +279,21 @@ def _knn_lm(msg: pb.GenerateRequest) -> tuple:
                               exc.reason) from None
 
 
+def _constraint(msg: pb.GenerateRequest) -> tuple:
+    """The constraint transform's params of `constraint` (compiled later, at admission)."""
+    if not msg.HasField("constraint"):
+        return ()
+    _require(all(t.name != "constraint" for t in msg.transforms), "constraint",
+             "given twice: here and in transforms")
+    kind = msg.constraint.WhichOneof("kind")
+    _require(kind is not None, "constraint", "set one of regex, json_schema, grammar, choice")
+    value = getattr(msg.constraint, kind)
+    fields = {kind: list(value.options) if kind == "choice" else value}
+    if msg.constraint.backend:
+        fields["backend"] = msg.constraint.backend
+    return (registry.parse_params("constraint", fields, "transform", "constraint"),)
+
+
 def _sampling_params(msg: pb.GenerateRequest, want_logprobs: bool, strategy,
                      transforms: tuple) -> SamplingParams:
     pen, stop = msg.penalties, msg.stopping
@@ -349,6 +361,10 @@ def finished(out: RequestOutput, sub: Submission, max_model_len: int, time_limit
                         completion_tokens=out.num_output_tokens,
                         cached_tokens=out.num_cached_tokens,
                         forward_tokens=out.num_forward_tokens))
+    if out.constraint is not None:
+        f.constraint.CopyFrom(pb.ConstraintStats(
+            masks=out.constraint.masks, masked_tokens=out.constraint.masked_tokens,
+            checks=out.constraint.checks, rejected_tokens=out.constraint.rejected_tokens))
     if out.finish_reason == "stop" and isinstance(out.stop_reason, str):
         f.stop_sequence = out.stop_reason
     elif out.finish_reason == "stop" and isinstance(out.stop_reason, int):
@@ -377,7 +393,11 @@ def model_info(engine, ctx: Context) -> pb.ModelInfo:
         max_context=ctx.max_model_len, vocab_size=ctx.vocab_size,
         eos_token_ids=list(engine.tokenizer.eos_token_ids),
         strategies=registry.strategy_names(),
-        transforms=registry.transform_names(plugins_only=True), constraints=[],
+        transforms=registry.transform_names(plugins_only=True),
+        constraints=list(constraint_kinds()),
+        constraint_backends=[engine.constraints.default_backend] + [
+            b for b in CONSTRAINT_BACKENDS if b != engine.constraints.default_backend],
+        predicates=predicate_names(),
         datastores=[pb.DatastoreInfo(name=name, keys=len(store), dim=store.meta.dim,
                                      index=store.kind)
                     for name, store in stores.open_datastores().items()],

@@ -34,6 +34,8 @@ FIELD_PATHS = {
     "presence_penalty": "penalties.presence",
     "logit_bias": "penalties.logit_bias",
     "logprobs": "response.top_logprobs",
+    "strategy.predicate": "decoding.awrs.predicate",
+    "strategy": "decoding",
 }
 """Engine field name -> proto field path."""
 

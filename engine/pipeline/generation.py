@@ -71,6 +71,8 @@ class Generation(TokenSequence):
         admission; its branches hold matchers of it."""
         self.constraint_stats = None
         """`constraints.compiler.ConstraintStats` of all branches, when constrained."""
+        self.condition = None
+        """The condition a `checks_constraint` strategy (AWRS) checks tokens against."""
 
     @property
     def max_branches(self) -> int:

@@ -188,7 +188,8 @@ class StrategyRunner:
                         output_token_ids=[s.output_token_ids for s in seqs],
                         eos_token_ids=gen.eos_token_ids,
                         max_new_tokens=params.max_new_tokens,
-                        min_new_tokens=params.min_new_tokens, ignore_eos=params.ignore_eos)
+                        min_new_tokens=params.min_new_tokens, ignore_eos=params.ignore_eos,
+                        seed=gen.seed, condition=gen.condition)
 
     # ---- applying a decision -------------------------------------------------------------------
 

@@ -145,10 +145,20 @@ class RankGenRerank(_message.Message):
     def __init__(self, scorer_id: _Optional[str] = ..., num_candidates: _Optional[int] = ..., rerank_every_tokens: _Optional[int] = ..., beam_size: _Optional[int] = ..., base: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class Awrs(_message.Message):
-    __slots__ = ("base",)
-    BASE_FIELD_NUMBER: _ClassVar[int]
-    base: Sampling
-    def __init__(self, base: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    __slots__ = ("num_particles", "ess_threshold", "max_rejects", "predicate", "temperature", "seed")
+    NUM_PARTICLES_FIELD_NUMBER: _ClassVar[int]
+    ESS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_REJECTS_FIELD_NUMBER: _ClassVar[int]
+    PREDICATE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    num_particles: int
+    ess_threshold: float
+    max_rejects: int
+    predicate: str
+    temperature: float
+    seed: int
+    def __init__(self, num_particles: _Optional[int] = ..., ess_threshold: _Optional[float] = ..., max_rejects: _Optional[int] = ..., predicate: _Optional[str] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Plugin(_message.Message):
     __slots__ = ("name", "params")
@@ -185,16 +195,18 @@ class Transform(_message.Message):
     def __init__(self, name: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Constraint(_message.Message):
-    __slots__ = ("regex", "json_schema", "ebnf_grammar", "choice")
+    __slots__ = ("regex", "json_schema", "grammar", "choice", "backend")
     REGEX_FIELD_NUMBER: _ClassVar[int]
     JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
-    EBNF_GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     CHOICE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     regex: str
     json_schema: str
-    ebnf_grammar: str
+    grammar: str
     choice: Choices
-    def __init__(self, regex: _Optional[str] = ..., json_schema: _Optional[str] = ..., ebnf_grammar: _Optional[str] = ..., choice: _Optional[_Union[Choices, _Mapping]] = ...) -> None: ...
+    backend: str
+    def __init__(self, regex: _Optional[str] = ..., json_schema: _Optional[str] = ..., grammar: _Optional[str] = ..., choice: _Optional[_Union[Choices, _Mapping]] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class Choices(_message.Message):
     __slots__ = ("options",)
@@ -353,21 +365,35 @@ class Candidate(_message.Message):
     selected: bool
     def __init__(self, candidate: _Optional[int] = ..., score: _Optional[float] = ..., selected: _Optional[bool] = ...) -> None: ...
 
+class ConstraintStats(_message.Message):
+    __slots__ = ("masks", "masked_tokens", "checks", "rejected_tokens")
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    masks: int
+    masked_tokens: int
+    checks: int
+    rejected_tokens: int
+    def __init__(self, masks: _Optional[int] = ..., masked_tokens: _Optional[int] = ..., checks: _Optional[int] = ..., rejected_tokens: _Optional[int] = ...) -> None: ...
+
 class Finished(_message.Message):
-    __slots__ = ("reason", "stop_sequence", "usage", "timings", "selected_candidate", "stop_token_id")
+    __slots__ = ("reason", "stop_sequence", "usage", "timings", "selected_candidate", "stop_token_id", "constraint")
     REASON_FIELD_NUMBER: _ClassVar[int]
     STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     SELECTED_CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     stop_sequence: str
     usage: Usage
     timings: Timings
     selected_candidate: int
     stop_token_id: int
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., stop_sequence: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., selected_candidate: _Optional[int] = ..., stop_token_id: _Optional[int] = ...) -> None: ...
+    constraint: ConstraintStats
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., stop_sequence: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., selected_candidate: _Optional[int] = ..., stop_token_id: _Optional[int] = ..., constraint: _Optional[_Union[ConstraintStats, _Mapping]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("started", "delta", "candidate", "finished")
@@ -470,7 +496,7 @@ class Limits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_parallel_members: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_prompt_tokens: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_transforms: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "family", "max_context", "vocab_size", "eos_token_ids", "strategies", "constraints", "dtype", "kv_block_size", "limits", "transforms", "datastores")
+    __slots__ = ("model", "family", "max_context", "vocab_size", "eos_token_ids", "strategies", "constraints", "dtype", "kv_block_size", "limits", "transforms", "datastores", "predicates", "constraint_backends")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -483,6 +509,8 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     TRANSFORMS_FIELD_NUMBER: _ClassVar[int]
     DATASTORES_FIELD_NUMBER: _ClassVar[int]
+    PREDICATES_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_BACKENDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     max_context: int
@@ -495,7 +523,9 @@ class ModelInfo(_message.Message):
     limits: Limits
     transforms: _containers.RepeatedScalarFieldContainer[str]
     datastores: _containers.RepeatedCompositeFieldContainer[DatastoreInfo]
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., strategies: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., transforms: _Optional[_Iterable[str]] = ..., datastores: _Optional[_Iterable[_Union[DatastoreInfo, _Mapping]]] = ...) -> None: ...
+    predicates: _containers.RepeatedScalarFieldContainer[str]
+    constraint_backends: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., strategies: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., transforms: _Optional[_Iterable[str]] = ..., datastores: _Optional[_Iterable[_Union[DatastoreInfo, _Mapping]]] = ..., predicates: _Optional[_Iterable[str]] = ..., constraint_backends: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DatastoreInfo(_message.Message):
     __slots__ = ("name", "keys", "dim", "index")

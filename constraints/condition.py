@@ -1,0 +1,85 @@
+"""The Boolean condition AWRS checks tokens against: a grammar matcher, a predicate, or both.
+
+`Condition` belongs to one generation; `start()` gives a particle's state. A state answers
+`check(token)`: may the particle's text continue with `token` (the grammar's prefix check, a
+`validate` of one token without changing the matcher, and the predicate on the decoded text
+with the token's bytes appended); EOS passes where the text is complete (the grammar accepts
+and the predicate's `complete` holds). Special tokens other than EOS never pass. `advance`
+appends a token; `copy` forks a particle.
+
+A predicate cannot judge half a UTF-8 character: a token that leaves one at the end of the text
+passes the predicate's prefix check if the text before it does. That keeps the check permissive,
+never too strict, so AWRS stays correct (the completed text is checked again; a particle with no
+valid way on dies), at the cost of some dead particles. Every check is counted in the generation's stats.
+"""
+
+from __future__ import annotations
+
+import codecs
+
+from constraints.compiler import Compiled, ConstraintStats
+from constraints.predicates import Predicate
+from constraints.vocabulary import TokenVocabulary
+
+
+def _text(data: bytes, complete: bool) -> str:
+    """The text of `data`: invalid UTF-8 becomes U+FFFD (which a predicate sees), and a
+    trailing incomplete character is left out of a prefix (not of a complete text)."""
+    return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=complete)
+
+
+class Condition:
+    def __init__(self, vocab: TokenVocabulary, stats: ConstraintStats,
+                 compiled: Compiled | None = None, predicate: Predicate | None = None) -> None:
+        assert compiled is not None or predicate is not None
+        self.vocab = vocab
+        self.stats = stats
+        self.compiled = compiled
+        self.predicate = predicate
+        self.eos = frozenset(vocab.eos_token_ids)
+
+    def start(self) -> ConditionState:
+        matcher = self.compiled.matcher() if self.compiled is not None else None
+        return ConditionState(self, matcher, b"")
+
+
+class ConditionState:
+    __slots__ = ("cond", "matcher", "data")
+
+    def __init__(self, cond: Condition, matcher, data: bytes) -> None:
+        self.cond = cond
+        self.matcher = matcher
+        self.data = data
+
+    def check(self, token: int) -> bool:
+        cond = self.cond
+        cond.stats.checks += 1
+        ok = self._check(token)
+        if not ok:
+            cond.stats.rejected_tokens += 1
+        return ok
+
+    def _check(self, token: int) -> bool:
+        cond = self.cond
+        if token in cond.eos:
+            if self.matcher is not None and not self.matcher.accepts():
+                return False
+            return cond.predicate is None or cond.predicate.complete(_text(self.data, True))
+        if token in cond.vocab.special_ids or token >= len(cond.vocab.tokens):
+            return False
+        if self.matcher is not None and not self.matcher.check(token):
+            return False
+        if cond.predicate is not None:
+            return cond.predicate.prefix(_text(self.data + cond.vocab.tokens[token], False))
+        return True
+
+    def advance(self, token: int) -> None:
+        if token in self.cond.eos:
+            return
+        if self.matcher is not None:
+            self.matcher.consume(token)
+        self.data += self.cond.vocab.tokens[token]
+
+    def copy(self) -> ConditionState:
+        matcher = self.matcher.copy() if self.matcher is not None else None
+        return ConditionState(self.cond, matcher, self.data)
