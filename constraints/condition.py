@@ -7,25 +7,25 @@ with the token's bytes appended); EOS passes where the text is complete (the gra
 and the predicate's `complete` holds). Special tokens other than EOS never pass. `advance`
 appends a token; `copy` forks a particle.
 
-A predicate cannot judge half a UTF-8 character: a token that leaves one at the end of the text
-passes the predicate's prefix check if the text before it does. That keeps the check permissive,
-never too strict, so AWRS stays correct (the completed text is checked again; a particle with no
-valid way on dies), at the cost of some dead particles. Every check is counted in the generation's stats.
+A predicate sees text, and a token may end in the middle of a UTF-8 character: that partial
+character is shown to the predicate as U+FFFD. A predicate over ASCII text (most structured
+formats) loses nothing and never walks into a byte sequence it cannot complete; one that accepts
+some non-ASCII character but not U+FFFD cannot produce that character where the tokenizer splits
+it. (Letting partial characters pass unchecked instead kills particles: the walk accepts them
+before EOS and nothing valid follows.) Every check is counted in the generation's stats.
 """
 
 from __future__ import annotations
 
-import codecs
 
 from constraints.compiler import Compiled, ConstraintStats
 from constraints.predicates import Predicate
 from constraints.vocabulary import TokenVocabulary
 
 
-def _text(data: bytes, complete: bool) -> str:
-    """The text of `data`: invalid UTF-8 becomes U+FFFD (which a predicate sees), and a
-    trailing incomplete character is left out of a prefix (not of a complete text)."""
-    return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=complete)
+def _text(data: bytes) -> str:
+    """The text of `data`; invalid or incomplete UTF-8 becomes U+FFFD."""
+    return data.decode("utf-8", errors="replace")
 
 
 class Condition:
@@ -64,13 +64,13 @@ class ConditionState:
         if token in cond.eos:
             if self.matcher is not None and not self.matcher.accepts():
                 return False
-            return cond.predicate is None or cond.predicate.complete(_text(self.data, True))
+            return cond.predicate is None or cond.predicate.complete(_text(self.data))
         if token in cond.vocab.special_ids or token >= len(cond.vocab.tokens):
             return False
         if self.matcher is not None and not self.matcher.check(token):
             return False
         if cond.predicate is not None:
-            return cond.predicate.prefix(_text(self.data + cond.vocab.tokens[token], False))
+            return cond.predicate.prefix(_text(self.data + cond.vocab.tokens[token]))
         return True
 
     def advance(self, token: int) -> None:

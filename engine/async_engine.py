@@ -57,14 +57,14 @@ class AsyncEngine:
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                req_id: str | None = None, captures: Sequence[str] = (),
-               extra_key=None) -> RequestStream:
+               extra_key=None, compiled=None) -> RequestStream:
         """Admits a request now and returns its stream of deltas (call from an event loop).
 
         Raises InvalidArgument / ResourceExhausted / EngineDeadError when the request is
         refused. The caller must exhaust or `aclose()` the stream; closing it early aborts
         the request and frees its KV blocks.
         """
-        req = self.engine.make_request(prompt, params, req_id, captures, extra_key)
+        req = self.engine.make_request(prompt, params, req_id, captures, extra_key, compiled)
         loop, out_q = asyncio.get_running_loop(), asyncio.Queue()
         with self._lock:
             if self.error is not None or self._stopped:

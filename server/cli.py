@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -90,6 +91,35 @@ def _add_knn_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--knn-entropy-threshold", type=float, default=None, metavar="NATS",
                    help="adaptive retrieval: no search at steps where the model's entropy is "
                         "below NATS (0: always search)")
+
+
+def _add_constraint_args(p: argparse.ArgumentParser, serve: bool) -> None:
+    c = p.add_argument_group("constrained generation and AWRS (see README, Constrained "
+                             "generation)")
+    if not serve:
+        kind = c.add_mutually_exclusive_group()
+        kind.add_argument("--regex", default=None, metavar="R",
+                          help="the output must match this regex")
+        kind.add_argument("--json-schema", default=None, metavar="FILE",
+                          help="the output is compact JSON valid against this schema file")
+        kind.add_argument("--grammar", default=None, metavar="FILE",
+                          help="the output matches this Lark grammar file (rule start)")
+        kind.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                          help="the output is one of these (repeatable)")
+        c.add_argument("--num-particles", type=int, default=None, help="awrs: particles (1)")
+        c.add_argument("--ess-threshold", type=float, default=None,
+                       help="awrs: resample below this ESS fraction (0.5; 0 = never)")
+        c.add_argument("--max-rejects", type=int, default=None,
+                       help="awrs: rejections per token before a particle dies (0 = no limit)")
+    c.add_argument("--constraint-backend", default=None, choices=["llguidance", "outlines"],
+                   help="serve: the default backend (llguidance); generate: this request's")
+    c.add_argument("--max-constraint-compile-s", type=float, default=10.0, metavar="S",
+                   help="refuse a constraint that takes longer to compile (10)")
+    c.add_argument("--predicate", action="append", default=[],
+                   metavar="NAME=module:function" + ("" if serve else " | NAME"),
+                   help="register a Python predicate on the decoded text for AWRS"
+                        + (" (repeatable)" if serve else "; generate uses it with --strategy "
+                           "awrs (with --server: the NAME the server registered)"))
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -182,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     _add_knn_args(p)
+    _add_constraint_args(p, serve=False)
     _add_plugin_arg(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one text prompt")
@@ -194,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the model over gRPC")
     _add_model_args(p)
     _add_serve_args(p)
+    _add_constraint_args(p, serve=True)
     _add_plugin_arg(p)
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("which", choices=["throughput", "serve"])
@@ -245,6 +277,14 @@ def _serve(args) -> int:
     from server.auth import load_api_keys
     from server.config import Limits, Security, ServerConfig
 
+    from constraints.predicates import load_predicate
+
+    try:
+        for spec in args.predicate:
+            load_predicate(spec)
+    except ValueError as exc:
+        print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
+        return 2
     engine_config = make_engine_config(args)
     scheduler = msgspec.structs.replace(
         engine_config.scheduler, max_waiting_requests=args.max_queued_requests,
@@ -296,7 +336,10 @@ def make_engine_config(args):
                           norm_scheme=args.norm_scheme, mix_ln_ratio=args.mix_ln_ratio),
         cache=CacheConfig(num_blocks=args.num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs))
+                                  max_num_seqs=args.max_num_seqs),
+        constraint_backend=(getattr(args, "constraint_backend", None) if args.command == "serve"
+                            else None) or "llguidance",
+        max_constraint_compile_s=getattr(args, "max_constraint_compile_s", 10.0))
 
 
 def _flag_fields(args) -> dict:
@@ -305,8 +348,49 @@ def _flag_fields(args) -> dict:
     given = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
                  min_p=args.min_p, seed=args.seed, penalty_alpha=args.penalty_alpha,
                  num_beams=args.num_beams, length_penalty=args.length_penalty,
-                 early_stopping=args.early_stopping, num_return=args.num_return)
+                 early_stopping=args.early_stopping, num_return=args.num_return,
+                 num_particles=getattr(args, "num_particles", None),
+                 ess_threshold=getattr(args, "ess_threshold", None),
+                 max_rejects=getattr(args, "max_rejects", None),
+                 predicate=predicate_name(getattr(args, "predicate", None)))
+    if args.temperature == 0 and args.strategy not in (None, "greedy", "sampling"):
+        del given["temperature"]  # the greedy default, not a temperature of this strategy
     return {field: value for field, value in given.items() if value is not None}
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no infinity: a dead particle's log-weight is null."""
+    return x if math.isfinite(x) else None
+
+
+def predicate_name(specs: list[str] | None) -> str | None:
+    """The predicate `generate --predicate NAME[=module:function]` names (the last one)."""
+    return specs[-1].partition("=")[0] if specs else None
+
+
+def make_constraint(args) -> tuple:
+    """The constraint transform's params of `--regex / --json-schema / --grammar / --choice`
+    (or ())."""
+    fields: dict = {}
+    if getattr(args, "regex", None) is not None:
+        fields["regex"] = args.regex
+    for flag, field in (("json_schema", "json_schema"), ("grammar", "grammar")):
+        path = getattr(args, flag, None)
+        if path is not None:
+            try:
+                fields[field] = Path(path).read_text()
+            except OSError as exc:
+                raise InvalidArgument(flag.replace("_", "-"), str(exc)) from None
+    if getattr(args, "choice", None):
+        fields["choice"] = list(args.choice)
+    if not fields:
+        if getattr(args, "constraint_backend", None):
+            raise InvalidArgument("constraint-backend", "needs --regex, --json-schema, "
+                                                        "--grammar or --choice")
+        return ()
+    if args.constraint_backend:
+        fields["backend"] = args.constraint_backend
+    return (registry.parse_params("constraint", fields, "transform", "constraint"),)
 
 
 def _json_object(text: str | None, field: str) -> dict:
@@ -378,6 +462,18 @@ def make_knn_lm(args) -> tuple:
     return (registry.parse_params("knn_lm", fields, "transform", "knn_lm"),)
 
 
+def register_cli_predicates(args) -> None:
+    """Offline `generate --predicate NAME=module:function`: registers the predicates."""
+    from constraints.predicates import load_predicate
+
+    for spec in args.predicate:
+        if "=" in spec:
+            try:
+                load_predicate(spec)
+            except ValueError as exc:
+                raise InvalidArgument("predicate", str(exc)) from None
+
+
 def open_cli_datastore(args) -> None:
     """Offline `generate --datastore`: opens the store. Raises InvalidArgument ("datastore")
     for a directory that is not a datastore or one built with another model."""
@@ -399,7 +495,7 @@ def make_sampling_params(args):
         repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty, stop=tuple(args.stop),
         ignore_eos=args.ignore_eos, logprobs=args.logprobs, strategy=make_strategy(args),
-        transforms=make_transforms(args) + make_knn_lm(args))
+        transforms=make_transforms(args) + make_knn_lm(args) + make_constraint(args))
 
 
 def _generate(args) -> int:
@@ -410,6 +506,7 @@ def _generate(args) -> int:
         params, prompts = make_sampling_params(args), _read_prompts(args)
         if args.datastore is not None:
             open_cli_datastore(args)
+        register_cli_predicates(args)
         engine = Engine(make_engine_config(args))
         prompts = [to_engine(p, engine.tokenizer, engine.vocab_size)[0] for p in prompts]
         results = engine.generate(prompts, params)
@@ -420,9 +517,14 @@ def _generate(args) -> int:
         if args.json:
             line = {"index": out.index, "token_ids": out.token_ids, "text": out.text,
                     "finish_reason": out.finish_reason}
+            weighted = registry.entry(params.selection).cls.checks_constraint
             if out.candidates is not None:
-                line["candidates"] = [{"token_ids": c.token_ids, "text": c.text,
-                                       "score": c.score} for c in out.candidates]
+                line["candidates"] = [
+                    {"token_ids": c.token_ids, "text": c.text, "score": finite_or_none(c.score)}
+                    | ({"log_weight": finite_or_none(c.score)} if weighted else {})
+                    for c in out.candidates]
+            if out.constraint is not None:
+                line["constraint"] = msgspec.to_builtins(out.constraint)
             print(json.dumps(line), flush=True)
         else:
             print(out.text, flush=True)

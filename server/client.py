@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from decoding import registry
 from server import prompts
 from server.auth import client_channel
+from server.cli import finite_or_none
 from server.pb import pb, pb_grpc
 
 FINISH_NAMES = {pb.FINISH_EOS: "stop", pb.FINISH_STOP_SEQUENCE: "stop",
@@ -82,7 +83,7 @@ def build_transforms(transforms) -> list[pb.Transform]:
     """Plug-in transforms as `transforms[]` entries (kNN-LM has a field of its own)."""
     out = []
     for params in transforms:
-        if registry.entry(params).name == "knn_lm":
+        if registry.entry(params).name in ("knn_lm", "constraint"):
             continue
         t = pb.Transform(name=registry.entry(params).name)
         t.params.update(_params(params))
@@ -90,12 +91,22 @@ def build_transforms(transforms) -> list[pb.Transform]:
     return out
 
 
+def build_constraint(params) -> pb.Constraint:
+    """The constraint transform's params as the request's own `constraint` field."""
+    fields = _params(params)
+    if "choice" in fields:
+        fields["choice"] = {"options": fields["choice"]}
+    return json_format.ParseDict(fields, pb.Constraint())
+
+
 def build_request(args, prompt: prompts.Prompt, params) -> pb.GenerateRequest:
     """The GenerateRequest for one prompt, the `generate` command's flags and the
     `SamplingParams` they make (strategy and transforms)."""
     selection = params.selection
     knn = [build_knn_lm(t) for t in params.transforms if registry.entry(t).name == "knn_lm"]
+    constraint = params.constraint
     return pb.GenerateRequest(
+        constraint=build_constraint(constraint) if constraint is not None else None,
         prompt=build_prompt(prompt), decoding=build_decoding(selection),
         transforms=build_transforms(params.transforms), knn_lm=knn[0] if knn else None,
         penalties=pb.Penalties(repetition=args.repetition_penalty,
@@ -109,8 +120,8 @@ def build_request(args, prompt: prompts.Prompt, params) -> pb.GenerateRequest:
             candidate_scores=not registry.entry(selection).cls.streams_output))
 
 
-async def _one(stub, request: pb.GenerateRequest, echo: bool) -> dict:
-    token_ids, text, reason = [], [], ""
+async def _one(stub, request: pb.GenerateRequest, echo: bool, weighted: bool) -> dict:
+    token_ids, text, reason, constraint = [], [], "", None
     candidates: dict[int, dict] = {}
     async for event in stub.GenerateStream(request):
         kind = event.WhichOneof("event")
@@ -128,13 +139,23 @@ async def _one(stub, request: pb.GenerateRequest, echo: bool) -> dict:
                 sys.stdout.flush()
         elif kind == "finished":
             reason = FINISH_NAMES.get(event.finished.reason, "")
+            if event.finished.HasField("constraint"):
+                stats = event.finished.constraint
+                constraint = {"masks": stats.masks, "masked_tokens": stats.masked_tokens,
+                              "checks": stats.checks, "rejected_tokens": stats.rejected_tokens}
     if echo:
         sys.stdout.write("\n")
     result = {"token_ids": token_ids, "text": "".join(text), "finish_reason": reason}
     if candidates:
         candidates.setdefault(0, {}).update(token_ids=token_ids, text=result["text"])
-        result["candidates"] = [{"token_ids": c.get("token_ids", []), "text": c.get("text", ""),
-                                 "score": c.get("score")} for _, c in sorted(candidates.items())]
+        result["candidates"] = [
+            {"token_ids": c.get("token_ids", []), "text": c.get("text", ""),
+             "score": c.get("score")}
+            | ({"log_weight": finite_or_none(c["score"]) if "score" in c else None}
+               if weighted else {})
+            for _, c in sorted(candidates.items())]
+    if constraint is not None:
+        result["constraint"] = constraint
     return result
 
 
@@ -143,7 +164,8 @@ async def _run(args, requests: list[pb.GenerateRequest]) -> None:
     async with client_channel(args.server, args) as channel:
         stub = pb_grpc.GenerationStub(channel)
         echo = len(requests) == 1 and not as_json
-        results = await asyncio.gather(*(_one(stub, r, echo) for r in requests))
+        results = await asyncio.gather(*(
+            _one(stub, r, echo, r.decoding.WhichOneof("strategy") == "awrs") for r in requests))
     for index, result in enumerate(results):
         if as_json:
             print(json.dumps({"index": index, **result}), flush=True)

@@ -141,8 +141,15 @@ class EngineClient:
         if not self.ready:
             raise Unavailable("model is loading")
 
+    async def compile_constraint(self, params: SamplingParams):
+        """The compiled constraint of `params` (None without one); raises InvalidArgument
+        for an invalid constraint or one that compiles past the time limit."""
+        if params.constraint is None:
+            return None
+        return await self.engine.constraints.compile_async(params.constraint)
+
     def submit(self, sub: Submission, principal: str,
-               deadline_s: float | None = None) -> Tracked:
+               deadline_s: float | None = None, compiled=None) -> Tracked:
         """Admits a converted request of `principal` (raises InvalidArgument: its id is
         already running for that principal, ResourceExhausted, Unavailable); the caller must
         exhaust or close the returned stream."""
@@ -151,7 +158,7 @@ class EngineClient:
         if owner in self._owned:
             raise InvalidArgument("request_id", f"{owner[1]!r} is already running")
         stream = self.front.submit(sub.prompt, sub.params, secrets.token_hex(16),
-                                   extra_key=sub.extra_key)
+                                   extra_key=sub.extra_key, compiled=compiled)
         tracked = Tracked(self, sub, stream, owner)
         self._owned[owner] = tracked
         self._idle.clear()

@@ -87,7 +87,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         convert.check_prompt_bytes(request.prompt, ctx)
         header_id = dict(context.invocation_metadata() or ()).get("x-request-id")
         sub = await self._off_loop(convert.to_submission, request, ctx, header_id)
-        return self.client.submit(sub, self._principal(context), context.time_remaining())
+        # A constraint compiles on the engine's worker, under its time limit; the loop (and
+        # every other stream) goes on meanwhile.
+        compiled = await self.client.compile_constraint(sub.params)
+        return self.client.submit(sub, self._principal(context), context.time_remaining(),
+                                  compiled)
 
     async def _events(self, tracked: Tracked):
         """Started, then the Delta/Finished events of one admitted request."""
