@@ -385,6 +385,11 @@ class Transform(abc.ABC):
         """Whether any row of the batch uses this transform (the chain skips it otherwise)."""
         return True
 
+    def prepare(self, sequences: Sequence) -> None:
+        """Called with the step's scheduled sequences (`engine.core.request.Request`) before
+        the forward: work that needs no logits (a constraint's masks) can start here, on a
+        thread that releases the GIL, and overlap the forward."""
+
     def apply_to_logprobs(self, log_probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """`changes_model` transforms: the change of `apply` on the raw model log-probabilities
         `[num_rows, vocab]` (bias, penalties and temperature not applied), returning

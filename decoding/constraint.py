@@ -104,7 +104,6 @@ def _check(ok: bool, field: str, reason: str) -> None:
         raise InvalidArgument(field, reason)
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
 _executor = None
 
 
@@ -117,24 +116,69 @@ def _llg_executor():
     return _executor
 
 
-def unpack_bitmask(bitmask: torch.Tensor, width: int) -> torch.Tensor:
+def unpack_bitmask(bitmask: np.ndarray, width: int) -> torch.Tensor:
     """[n, words] int32 packed bits (bit t of word t // 32 = token t) -> [n, width] bool;
     tokens past 32 * words are False."""
-    bits = ((bitmask.unsqueeze(-1) >> _SHIFTS) & 1).bool().view(bitmask.shape[0], -1)
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
     if bits.shape[1] >= width:
-        return bits[:, :width]
-    return torch.nn.functional.pad(bits, (0, width - bits.shape[1]), value=False)
+        bits = bits[:, :width]
+    else:
+        bits = np.pad(bits, ((0, 0), (0, width - bits.shape[1])))
+    return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bool)
 
 
 def constrained_rows(batch: SamplingBatch) -> list[int]:
     """Rows whose branch carries a constraint and whose strategy wants it masked."""
-    return [i for i, row in enumerate(batch.rows) if row.constraint is not None
-            and not entry(row.params.selection).cls.checks_constraint]
+    return [i for i, row in enumerate(batch.rows) if _masked_here(row.constraint, row.params)]
+
+
+def _masked_here(state, params) -> bool:
+    return state is not None and not entry(params.selection).cls.checks_constraint
 
 
 @register_transform(Constraint)
 class ConstraintMask(Transform):
     order: ClassVar[int] = 55
+
+    def __init__(self) -> None:
+        self._pool = None
+        self._pending = None
+        """(future, {id(state): (row, consumed)}, packed) of the masks `prepare` started."""
+
+    def prepare(self, sequences) -> None:
+        """Fills the masks of the scheduled constrained sequences on a worker thread while the
+        forward runs (llguidance releases the GIL); `apply` picks them up."""
+        states = [s.constraint_state for s in sequences
+                  if _masked_here(s.constraint_state, s.generation.params)]
+        if not states:
+            self._pending = None
+            return
+        from constraints.backends import mask_words
+        from constraints.compiler import fill_masks
+
+        if self._pool is None:
+            import concurrent.futures
+
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "polydecode-masks")
+        for s in sequences:
+            if s.constraint_state is not None:
+                s.constraint_state.sync(s.output_token_ids)
+        packed = np.zeros((len(states), mask_words(states[0].vocab_size)), dtype=np.int32)
+        eos = sequences[0].generation.eos_token_ids
+        future = self._pool.submit(fill_masks, states, packed, eos, _llg_executor())
+        self._pending = (future, {id(s): (i, s.consumed) for i, s in enumerate(states)}, packed)
+
+    def _prepared(self, states) -> np.ndarray | None:
+        """The masks `prepare` filled for exactly these states at their current positions."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        future, where, packed = pending
+        future.result()
+        found = [where.get(id(s)) for s in states]
+        if any(f is None or f[1] != s.consumed for f, s in zip(found, states)):
+            return None
+        return packed[[f[0] for f in found]]
 
     def is_active(self, batch: SamplingBatch) -> bool:
         return any(row.constraint is not None for row in batch.rows) \
@@ -148,18 +192,23 @@ class ConstraintMask(Transform):
         states = [batch.rows[i].constraint for i in rows]
         for i, state in zip(rows, states):
             state.sync(batch.rows[i].output_token_ids)
-        # One tokenizer per engine: every state's vocabulary has the same size.
-        packed = np.zeros((len(rows), mask_words(states[0].vocab_size)), dtype=np.int32)
-        fill_masks(states, packed, batch.rows[rows[0]].eos_token_ids, _llg_executor())
-        allowed = unpack_bitmask(torch.from_numpy(packed), logits.shape[1]).to(logits.device)
-        index = torch.tensor(rows, device=logits.device)
-        masked = logits[index].masked_fill(~allowed, float("-inf"))
-        dead = ~torch.isfinite(masked).any(dim=-1)
+        packed = self._prepared(states)
+        if packed is None:  # not prepared (a strategy's own step): fill now
+            # One tokenizer per engine: every state's vocabulary has the same size.
+            packed = np.zeros((len(rows), mask_words(states[0].vocab_size)), dtype=np.int32)
+            fill_masks(states, packed, batch.rows[rows[0]].eos_token_ids, _llg_executor())
+        allowed = unpack_bitmask(packed, logits.shape[1]).to(logits.device)
+        every_row = len(rows) == logits.shape[0]
+        index = None if every_row else torch.tensor(rows, device=logits.device)
+        masked = logits if every_row else logits[index]
+        masked.masked_fill_(~allowed, float("-inf"))
+        dead = masked.amax(dim=-1) == float("-inf")
         if bool(dead.any()):  # the request's own settings removed every allowed token
             masked[dead] = torch.zeros_like(masked[dead]).masked_fill(~allowed[dead],
                                                                       float("-inf"))
-        logits[index] = masked
-        counts = allowed.sum(dim=-1).tolist()
+        if not every_row:
+            logits[index] = masked
+        counts = np.bitwise_count(packed.view(np.uint32)).sum(axis=1).tolist()
         width = logits.shape[1]
         for state, count in zip(states, counts):
             state.stats.masks += 1

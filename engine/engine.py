@@ -150,8 +150,8 @@ class Engine:
             raise NotFound("strategy.predicate", f"unknown predicate {name!r}; registered: "
                            f"{', '.join(predicate_names()) or 'none'}")
         if gen.constraint is None and predicate is None:
-            raise InvalidArgument("strategy", f"{registry.entry(gen.params.selection).name} "
-                                  f"needs a constraint or a predicate")
+            raise InvalidArgument("strategy.predicate", f"{registry.entry(gen.params.selection).name} "
+                                  f"needs a constraint or a predicate to check")
         gen.constraint_stats = gen.constraint_stats or ConstraintStats()
         return Condition(self.constraints.vocab, gen.constraint_stats, gen.constraint, predicate)
 
@@ -227,6 +227,7 @@ class Engine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        self.generations.prepare([item.request for item in sched.scheduled])
         run = self.runner.execute(sched)
         self.scheduler.update_from_output(sched)
         by_id = {item.request.req_id: item.request for item in sched.scheduled}

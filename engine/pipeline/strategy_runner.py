@@ -87,6 +87,11 @@ class StrategyRunner:
 
     # ---- one step ------------------------------------------------------------------------------
 
+    def prepare(self, sequences: list[Request]) -> None:
+        """Lets the transforms start logits-free work for the scheduled sequences."""
+        for transform in self.sampler.transforms:
+            transform.prepare(sequences)
+
     def step(self, rows: list[Request], logits: torch.Tensor,
              captures: dict[str, dict[str, torch.Tensor]]) -> list[RequestOutput]:
         """Runs the pipeline over this step's sampled rows (`logits[i]` is `rows[i]`'s)."""

@@ -30,6 +30,12 @@ def _req(**fields) -> pb.GenerateRequest:
     return request
 
 
+def _transform(name: str, **params) -> pb.Transform:
+    t = pb.Transform(name=name)
+    t.params.update(params)
+    return t
+
+
 def _prompt(*segments: pb.Segment, messages=()) -> pb.Prompt:
     return pb.Prompt(segments=list(segments), messages=list(messages))
 
@@ -114,8 +120,42 @@ CASES = [
      grpc.StatusCode.NOT_FOUND, "knn_lm.datastore"),
     ("knn-lm k too large", _req(knn_lm=pb.KnnLm(datastore="no-such", k=5000)), INVALID,
      "knn_lm.k"),
-    ("regex constraint (not yet)", _req(constraint__regex="[0-9]+"), UNIMPLEMENTED,
-     "constraint.regex"),
+    ("invalid regex", _req(constraint__regex="([0-9]+"), INVALID, "constraint.regex"),
+    ("invalid regex (outlines)", _req(constraint__regex="([0-9]+", constraint__backend="outlines"),
+     INVALID, "constraint.regex"),
+    ("schema not JSON", _req(constraint__json_schema="{type: object"), INVALID,
+     "constraint.json_schema"),
+    ("schema not an object", _req(constraint__json_schema="[1, 2]"), INVALID,
+     "constraint.json_schema"),
+    ("bad Lark grammar", _req(constraint__grammar='start: "a" undefined_rule'), INVALID,
+     "constraint.grammar"),
+    ("grammar on outlines", _req(constraint__grammar='start: "a"', constraint__backend="outlines"),
+     INVALID, "constraint.backend"),
+    ("unknown constraint backend", _req(constraint__regex="a", constraint__backend="xgrammar"),
+     INVALID, "constraint.backend"),
+    ("empty choice list", _req(constraint__choice=pb.Choices()), INVALID, "constraint.choice"),
+    ("empty choice", _req(constraint__choice=pb.Choices(options=["a", ""])), INVALID,
+     "constraint.choice"),
+    ("backend without a constraint", _req(constraint__backend="llguidance"), INVALID,
+     "constraint"),
+    ("constraint twice", _req(constraint__regex="a", transforms=[_transform(
+        "constraint", regex="b")]), INVALID, "constraint"),
+    ("awrs without a condition", _req(decoding__awrs=pb.Awrs(num_particles=2)), INVALID,
+     "decoding.awrs.predicate"),
+    ("awrs unknown predicate", _req(decoding__awrs=pb.Awrs(predicate="nope"),
+                                    constraint__regex="a"), grpc.StatusCode.NOT_FOUND,
+     "decoding.awrs.predicate"),
+    ("awrs too many particles", _req(decoding__awrs=pb.Awrs(num_particles=65),
+                                     constraint__regex="a"), INVALID,
+     "decoding.awrs.num_particles"),
+    ("awrs one reject", _req(decoding__awrs=pb.Awrs(max_rejects=1), constraint__regex="a"),
+     INVALID, "decoding.awrs.max_rejects"),
+    ("awrs ess threshold", _req(decoding__awrs=pb.Awrs(ess_threshold=1.5),
+                                constraint__regex="a"), INVALID, "decoding.awrs.ess_threshold"),
+    ("awrs temperature nan", _req(decoding__awrs=pb.Awrs(temperature=float("nan")),
+                                  constraint__regex="a"), INVALID, "decoding.awrs.temperature"),
+    ("awrs with logprobs", _req(decoding__awrs=pb.Awrs(), constraint__regex="a",
+                                response__top_logprobs=2), INVALID, "response.top_logprobs"),
     ("priority (not yet)", _req(priority=3), UNIMPLEMENTED, "priority"),
     ("prompt logprobs (not yet)", _req(response__prompt_logprobs=True), UNIMPLEMENTED,
      "response.prompt_logprobs"),
