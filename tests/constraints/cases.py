@@ -10,6 +10,7 @@ import re
 
 import jsonschema
 import lark
+import numpy as np
 
 from decoding.constraint import Constraint
 
@@ -97,3 +98,20 @@ def _parser(grammar: str) -> lark.Lark:
     if grammar not in _PARSERS:
         _PARSERS[grammar] = lark.Lark(grammar, start="start")
     return _PARSERS[grammar]
+
+
+def check_difference(a, b, got_a, got_b, where: str) -> tuple[bool, bool]:
+    """Asserts that where llguidance's (`a`, allowed set `got_a`, numpy bool) and
+    outlines-core's (`b`, `got_b`) masks differ, the difference is one of the two documented
+    ones (see test_masking); returns (canonical-only, outlines after an accepting prefix)."""
+    only_a = np.nonzero(got_a & ~got_b)[0].tolist()
+    only_b = np.nonzero(got_b & ~got_a)[0].tolist()
+    if only_b:
+        assert a.forced(), f"{where}: outlines alone allows {only_b[:5]}"
+        assert all(a.check(t) for t in only_b), f"{where}: {only_b[:5]}"
+    if only_a:
+        assert b.accepts(), f"{where}: llguidance alone allows {only_a[:5]}"
+        for t in only_a:
+            after = a.copy()
+            assert after.consume(t) and not after.accepts(), f"{where}: {t}"
+    return bool(only_b), bool(only_a)

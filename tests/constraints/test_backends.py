@@ -1,7 +1,7 @@
 """The two masking backends against each other and against the grammars' own checkers, on the
 default model's vocabulary: at every step of seeded random walks through each grammar, the
-allowed-token sets agree (llguidance's is the canonical subset where the grammar forces bytes),
-and the text of every walk that reaches EOS matches the regex / validates against the schema."""
+allowed-token sets agree up to the two documented differences (`cases.check_difference`), and
+the text of every walk that reaches EOS matches the regex / validates against the schema."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from constraints.backends import (Grammar, LlguidanceBackend, OutlinesBackend, c
 from constraints.vocabulary import token_vocabulary
 from decoding.base import InvalidArgument
 from engine.tokenizer import Tokenizer
+from tests.constraints.cases import check_difference
 
 REGEXES = [r"[0-9]{3}-[a-z]+", r"(yes|no|maybe)", r"[A-Z][a-z]{2,8}( [a-z]+){0,3}\.",
            r"-?(0|[1-9][0-9]{0,5})(\.[0-9]{1,3})?", r"\d{4}-\d{2}-\d{2}"]
@@ -40,10 +41,10 @@ def backends(tokenizer):
     return vocab, LlguidanceBackend(vocab, encode, names), OutlinesBackend(vocab)
 
 
-def allowed(matcher, size: int) -> set[int]:
+def allowed(matcher, size: int) -> np.ndarray:
     row = np.zeros(mask_words(size), dtype=np.int32)
     matcher.fill_mask(row)
-    return set(np.nonzero(np.unpackbits(row.view(np.uint8), bitorder="little")[:size])[0])
+    return np.unpackbits(row.view(np.uint8), bitorder="little")[:size].astype(bool)
 
 
 def walk(backends, grammar: Grammar, seed: int, steps: int = 40) -> bytes | None:
@@ -54,14 +55,15 @@ def walk(backends, grammar: Grammar, seed: int, steps: int = 40) -> bytes | None
     rng, out, eos = random.Random(seed), b"", vocab.eos_token_ids[0]
     for _ in range(steps):
         got_a, got_b = allowed(a, len(vocab)), allowed(b, len(vocab))
-        assert got_a, f"{grammar}: llguidance allows nothing after {out!r}"
-        assert got_a <= got_b, f"{grammar} after {out!r}: {sorted(got_a - got_b)[:5]}"
-        if not a.forced():
-            assert got_a == got_b, f"{grammar} after {out!r}: {sorted(got_b - got_a)[:5]}"
-        assert not got_a & (vocab.special_ids - {eos})
-        assert (eos in got_a) == a.accepts() == b.accepts()
-        token = rng.choice(sorted(got_a))
-        assert a.check(token) and b.check(token)
+        assert got_a.any(), f"{grammar}: llguidance allows nothing after {out!r}"
+        check_difference(a, b, got_a, got_b, f"{grammar} after {out!r}")
+        assert not got_a[sorted(vocab.special_ids - {eos})].any()
+        assert got_a[eos] == a.accepts() == b.accepts()
+        token = rng.choice(np.nonzero(got_a)[0].tolist())
+        assert a.check(token)
+        if not got_b[token]:  # outlines-core's gap after an accepting prefix: it stops here
+            return None
+        assert b.check(token)
         if token == eos:
             return out
         assert a.consume(token) and b.consume(token)
