@@ -6,8 +6,9 @@ genlm-control 0.4.1's AWRS on the same model, prompts and condition as the peer.
 
 1. Mask overhead: --mask-rows greedy rows, --mask-steps tokens each (EOS ignored), plain and
    with a constraint on every row (a long JSON string: llguidance's most expensive masks; a
-   regex), per backend: milliseconds per engine step and the overhead. Masks are filled on a
-   worker while the forward runs.
+   regex), per backend: milliseconds per engine step (best of 5, alternated with plain runs),
+   of it the engine thread's mask work (`engine_share` of the plain step: what a step waits
+   for), and the worker's fill time, which overlaps the forward.
 2. Cheap and expensive conditions: the regex `[0-9]{3}-[a-z]{2,8}` as a grammar, and the same
    language as a Python predicate (`constraints.predicates:digits_dash_word`, the `regex`
    package's partial matching, called once per check). For each: tokens/s and condition
@@ -27,6 +28,7 @@ Progress on stderr; one JSON line on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -41,6 +43,7 @@ import msgspec  # noqa: E402
 
 from bench.common import emit, machine  # noqa: E402
 from constraints.predicates import load_predicate  # noqa: E402
+import decoding.constraint as dc  # noqa: E402
 from decoding.awrs import Awrs  # noqa: E402
 from decoding.constraint import Constraint  # noqa: E402
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
@@ -55,7 +58,7 @@ PREDICATE = "constraints.predicates:digits_dash_word"
 LONG_STRING = json.dumps({"type": "object", "properties": {"text": {"type": "string",
                                                                     "maxLength": 400}},
                           "required": ["text"], "additionalProperties": False})
-REPEATS = 3
+REPEATS = 5
 PROMPTS = ["Ticket code (three digits, a dash, lowercase letters):",
            "Write a product code like 123-abc:", "Order reference:", "Your locker code is",
            "Enter the code from the card:", "Room and name tag:", "Serial:", "Code word:"]
@@ -77,6 +80,32 @@ def timed(engine: Engine, prompts: list[str], params) -> tuple[list, float]:
     return outs, time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def mask_clock():
+    """Per run: CPU seconds the mask transform spends on the engine thread (`prepare` +
+    `apply`: what delays a step) and wall seconds of the worker's fills (overlapped with the
+    forward; llguidance fills on its own threads meanwhile)."""
+    clock = {"engine": 0.0, "worker": 0.0}
+    saved = (dc.ConstraintMask.prepare, dc.ConstraintMask.apply, dc._fill)
+
+    def timed_by(fn, key, now):
+        def wrapper(*args, **kwargs):
+            start = now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock[key] += now() - start
+        return wrapper
+
+    dc.ConstraintMask.prepare = timed_by(saved[0], "engine", time.thread_time)
+    dc.ConstraintMask.apply = timed_by(saved[1], "engine", time.thread_time)
+    dc._fill = timed_by(saved[2], "worker", time.perf_counter)
+    try:
+        yield clock
+    finally:
+        dc.ConstraintMask.prepare, dc.ConstraintMask.apply, dc._fill = saved
+
+
 def mask_overhead(engine: Engine, rows: int, steps: int) -> dict:
     prompts = [f"{p} ({i})" for i, p in enumerate(PROMPTS * (rows // len(PROMPTS) + 1))][:rows]
     base = dict(max_new_tokens=steps, temperature=0.0, ignore_eos=True)
@@ -92,14 +121,18 @@ def mask_overhead(engine: Engine, rows: int, steps: int) -> dict:
             for _ in range(REPEATS):  # alternated with plain runs: the best of each
                 plain_took = timed(engine, prompts, SamplingParams(**base))[1]
                 plain = min(plain or plain_took, plain_took)
-                took = min(took, timed(engine, prompts,
-                                       SamplingParams(**base, transforms=(constraint,)))[1])
+                with mask_clock() as clock:
+                    took = min(took, timed(engine, prompts,
+                                           SamplingParams(**base, transforms=(constraint,)))[1])
             key = f"{backend}_{name}"
             out[f"{key}_step_ms"] = round(1000 * took / steps, 2)
+            out[f"{key}_engine_thread_ms"] = round(1000 * clock["engine"] / steps, 2)
+            out[f"{key}_worker_ms"] = round(1000 * clock["worker"] / steps, 2)
             log(f"mask {key}: {1000 * took / steps:.1f} ms/step vs {1000 * plain / steps:.1f}")
     out["plain_step_ms"] = round(1000 * plain / steps, 2)
-    for key in [k for k in out if k.endswith("_step_ms") and k != "plain_step_ms"]:
-        out[key.replace("_step_ms", "_overhead")] = round(out[key] / out["plain_step_ms"] - 1, 4)
+    for key in [k for k in out if k.endswith("_engine_thread_ms")]:
+        out[key.replace("_engine_thread_ms", "_engine_share")] = round(
+            out[key] / out["plain_step_ms"], 4)
     return out
 
 

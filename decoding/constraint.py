@@ -6,9 +6,10 @@ worker thread under `--max-constraint-compile-s`). Every branch of the generatio
 matcher (`ConstraintState`; a forked branch copies its parent's, so each beam hypothesis or
 contrastive candidate follows its own text). Each step, this transform brings the matcher of
 every constrained row up to date with the row's output tokens, fills one packed bitmask row per
-row (llguidance rows in one parallel call that releases the GIL), unpacks the whole
-`[rows, words]` bitmask with one shift-and-mask and applies it with one `masked_fill`: a token
-whose bit is 0 gets -inf. EOS is allowed only where the grammar accepts; special tokens never.
+row (llguidance rows in one parallel call that releases the GIL) and turns the packed
+`[rows, words]` bitmask into an additive mask (0 or -inf, built as float bit patterns), on a
+worker thread while the forward runs (`prepare`); `apply` adds it to all constrained rows in one
+op. EOS is allowed only where the grammar accepts; special tokens never.
 
 Place in the chain (order 55): after kNN-LM (50), whose interpolation would otherwise put mass
 back on masked tokens; before temperature and the top-k / top-p / min-p filters, which then act
@@ -127,6 +128,30 @@ def unpack_bitmask(bitmask: np.ndarray, width: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bool)
 
 
+_BYTE_MASKS = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 0.0,
+                       -np.inf).astype(np.float32)
+"""Byte value -> the additive mask of its 8 bits (bit k = token 8 * byte + k)."""
+
+
+def additive_mask(bitmask: np.ndarray, width: int) -> np.ndarray:
+    """[n, words] packed bits -> [n, width] float32: 0 where allowed, -inf elsewhere, by one
+    table lookup per byte (0.6 ms for 32 rows of 49,152; a bool `masked_fill` over the logits
+    costs 7 ms)."""
+    n = bitmask.shape[0]
+    out = np.take(_BYTE_MASKS, bitmask.view(np.uint8), axis=0).reshape(n, -1)
+    if out.shape[1] >= width:
+        return out[:, :width]
+    return np.pad(out, ((0, 0), (0, width - out.shape[1])), constant_values=-np.inf)
+
+
+def _fill(states, packed: np.ndarray, eos: tuple[int, ...]) -> np.ndarray:
+    """Fills `packed` and returns the additive mask (a worker runs this during the forward)."""
+    from constraints.compiler import fill_masks
+
+    fill_masks(states, packed, eos, _llg_executor())
+    return additive_mask(packed, states[0].vocab_size)
+
+
 def constrained_rows(batch: SamplingBatch) -> list[int]:
     """Rows whose branch carries a constraint and whose strategy wants it masked."""
     return [i for i, row in enumerate(batch.rows) if _masked_here(row.constraint, row.params)]
@@ -154,7 +179,6 @@ class ConstraintMask(Transform):
             self._pending = None
             return
         from constraints.backends import mask_words
-        from constraints.compiler import fill_masks
 
         if self._pool is None:
             import concurrent.futures
@@ -165,20 +189,24 @@ class ConstraintMask(Transform):
                 s.constraint_state.sync(s.output_token_ids)
         packed = np.zeros((len(states), mask_words(states[0].vocab_size)), dtype=np.int32)
         eos = sequences[0].generation.eos_token_ids
-        future = self._pool.submit(fill_masks, states, packed, eos, _llg_executor())
+        future = self._pool.submit(_fill, states, packed, eos)
         self._pending = (future, {id(s): (i, s.consumed) for i, s in enumerate(states)}, packed)
 
-    def _prepared(self, states) -> np.ndarray | None:
-        """The masks `prepare` filled for exactly these states at their current positions."""
+    def _prepared(self, states) -> tuple[np.ndarray, np.ndarray] | None:
+        """(packed, additive) masks `prepare` made for exactly these states at their current
+        positions."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
         future, where, packed = pending
-        future.result()
+        additive = future.result()
         found = [where.get(id(s)) for s in states]
         if any(f is None or f[1] != s.consumed for f, s in zip(found, states)):
             return None
-        return packed[[f[0] for f in found]]
+        index = [f[0] for f in found]
+        if index == list(range(len(packed))):
+            return packed, additive
+        return packed[index], additive[index]
 
     def is_active(self, batch: SamplingBatch) -> bool:
         return any(row.constraint is not None for row in batch.rows) \
@@ -186,30 +214,30 @@ class ConstraintMask(Transform):
 
     def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         from constraints.backends import mask_words
-        from constraints.compiler import fill_masks
 
         rows = constrained_rows(batch)
         states = [batch.rows[i].constraint for i in rows]
         for i, state in zip(rows, states):
             state.sync(batch.rows[i].output_token_ids)
-        packed = self._prepared(states)
-        if packed is None:  # not prepared (a strategy's own step): fill now
+        prepared = self._prepared(states)
+        if prepared is None:  # not prepared (a strategy's own step): fill now
             # One tokenizer per engine: every state's vocabulary has the same size.
             packed = np.zeros((len(rows), mask_words(states[0].vocab_size)), dtype=np.int32)
-            fill_masks(states, packed, batch.rows[rows[0]].eos_token_ids, _llg_executor())
-        allowed = unpack_bitmask(packed, logits.shape[1]).to(logits.device)
+            prepared = packed, _fill(states, packed, batch.rows[rows[0]].eos_token_ids)
+        packed, additive = prepared
+        width = logits.shape[1]
+        if additive.shape[1] != width:  # a model vocabulary wider than the tokenizer's
+            additive = additive_mask(packed, width)
+        add = torch.from_numpy(additive).to(logits.device)
         every_row = len(rows) == logits.shape[0]
         index = None if every_row else torch.tensor(rows, device=logits.device)
-        masked = logits if every_row else logits[index]
-        masked.masked_fill_(~allowed, float("-inf"))
+        masked = logits.add_(add) if every_row else logits[index].add_(add)
         dead = masked.amax(dim=-1) == float("-inf")
         if bool(dead.any()):  # the request's own settings removed every allowed token
-            masked[dead] = torch.zeros_like(masked[dead]).masked_fill(~allowed[dead],
-                                                                      float("-inf"))
+            masked[dead] = add[dead]
         if not every_row:
             logits[index] = masked
         counts = np.bitwise_count(packed.view(np.uint32)).sum(axis=1).tolist()
-        width = logits.shape[1]
         for state, count in zip(states, counts):
             state.stats.masks += 1
             state.stats.masked_tokens += width - count

@@ -35,7 +35,6 @@ FIELD_PATHS = {
     "logit_bias": "penalties.logit_bias",
     "logprobs": "response.top_logprobs",
     "strategy.predicate": "decoding.awrs.predicate",
-    "strategy": "decoding",
 }
 """Engine field name -> proto field path."""
 

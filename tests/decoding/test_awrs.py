@@ -163,15 +163,19 @@ def _tv(p: dict, q: dict) -> float:
 
 # ---- the default model ---------------------------------------------------------------------------
 
-def test_first_token_follows_the_masked_distribution(model_dir, hf_model, hf_tokenizer):
-    from decoding.constraint import Constraint
+@pytest.fixture(scope="module")
+def engine(model_dir):
     from engine.engine import Engine
-    from engine.sampling_params import SamplingParams
     from tests.factories import make_engine_config
-    from decoding.constraint import unpack_bitmask
-    from constraints.backends import mask_words
 
-    engine = Engine(make_engine_config(model_dir, num_blocks=1024, max_num_seqs=256))
+    return Engine(make_engine_config(model_dir, num_blocks=1024, max_num_seqs=256))
+
+
+def test_first_token_follows_the_masked_distribution(engine, hf_model):
+    from constraints.backends import mask_words
+    from decoding.constraint import Constraint, unpack_bitmask
+    from engine.sampling_params import SamplingParams
+
     prompt = "My best friend's name is"
     constraint = Constraint(regex=r" [A-Z][a-z]{2,8}")
     ids = engine.tokenizer.encode(prompt)
@@ -195,3 +199,26 @@ def test_first_token_follows_the_masked_distribution(model_dir, hf_model, hf_tok
     expected.append(draws - sum(expected))
     assert len(common) >= 5
     assert chi_square_p(observed, expected) > 1e-3, list(zip(observed, expected))
+
+
+def test_a_grammar_and_the_same_language_as_a_predicate_draw_the_same(engine):
+    """The condition is all AWRS knows of a constraint: a regex compiled by llguidance and the
+    same language checked by a Python predicate give the same particles, weights and checks."""
+    from constraints.predicates import load_predicate, unregister_predicate
+    from decoding.constraint import Constraint
+    from engine.sampling_params import SamplingParams
+
+    load_predicate("ddw=constraints.predicates:digits_dash_word")
+    try:
+        prompts = ["Ticket code:", "Your locker code is"]
+        by_grammar = engine.generate(prompts, SamplingParams(
+            max_new_tokens=16, transforms=(Constraint(regex=r"[0-9]{3}-[a-z]{2,8}"),),
+            strategy=Awrs(num_particles=4, seed=9)))
+        by_predicate = engine.generate(prompts, SamplingParams(
+            max_new_tokens=16, strategy=Awrs(num_particles=4, seed=9, predicate="ddw")))
+    finally:
+        unregister_predicate("ddw")
+    for a, b in zip(by_grammar, by_predicate):
+        assert [(c.token_ids, c.score) for c in a.candidates] == \
+            [(c.token_ids, c.score) for c in b.candidates]
+        assert a.constraint.checks == b.constraint.checks > 0
