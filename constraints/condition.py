@@ -5,7 +5,8 @@
 `validate` of one token without changing the matcher, and the predicate on the decoded text
 with the token's bytes appended); EOS passes where the text is complete (the grammar accepts
 and the predicate's `complete` holds). Special tokens other than EOS never pass. `advance`
-appends a token; `copy` forks a particle.
+appends a token; `copy` forks a particle; `mask` is the accepted set at once, where a grammar
+alone is the condition (AWRS uses it after many rejections).
 
 A predicate sees text, and a token may end in the middle of a UTF-8 character: that partial
 character is shown to the predicate as U+FFFD. A predicate over ASCII text (most structured
@@ -18,6 +19,9 @@ before EOS and nothing valid follows.) Every check is counted in the generation'
 from __future__ import annotations
 
 
+import numpy as np
+
+from constraints.backends import mask_words
 from constraints.compiler import Compiled, ConstraintStats
 from constraints.predicates import Predicate
 from constraints.vocabulary import TokenVocabulary
@@ -72,6 +76,23 @@ class ConditionState:
         if cond.predicate is not None:
             return cond.predicate.prefix(_text(self.data + cond.vocab.tokens[token]))
         return True
+
+    def mask(self) -> np.ndarray | None:
+        """The exact set `check` accepts now, as a [V] bool array, when a mask can say it: a
+        grammar alone (a predicate has no mask), and not where llguidance forces bytes (its
+        mask then keeps only their canonical tokenization, fewer than `check` accepts)."""
+        if self.matcher is None or self.cond.predicate is not None:
+            return None
+        forced = getattr(self.matcher, "forced", None)
+        if forced is not None and forced():
+            return None
+        size = len(self.cond.vocab.tokens)
+        row = np.zeros(mask_words(size), dtype=np.int32)
+        self.matcher.fill_mask(row)
+        allowed = np.unpackbits(row.view(np.uint8), bitorder="little")[:size].astype(bool)
+        self.cond.stats.masks += 1
+        self.cond.stats.masked_tokens += size - int(allowed.sum())
+        return allowed
 
     def advance(self, token: int) -> None:
         if token in self.cond.eos:

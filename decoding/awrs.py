@@ -56,6 +56,9 @@ MAX_PARTICLES = 64
 GEOMETRIC_THRESHOLD = math.log(2 / 3)
 """Above this top log-probability the geometric estimator needs fewer checks (genlm-control)."""
 MAX_ACCEPTS = 2
+MASK_AFTER = 64
+"""Rejections after which a grammar condition's exact mask finishes the draw (see
+`_recursive`): 64 one-token checks cost about what one llguidance mask does."""
 _LAZY_ORDER = 256
 """Tokens ordered by key up front; the rest only when a walk gets that far."""
 
@@ -119,12 +122,15 @@ class _Walk:
 
 
 def awrs_sample(logp: np.ndarray, accept: Callable[[int], bool], rng: np.random.Generator,
-                max_rejects: float = math.inf) -> tuple[int | None, float]:
+                max_rejects: float = math.inf,
+                mask: Callable[[], np.ndarray] | None = None) -> tuple[int | None, float]:
     """One token and its log-weight (log of an unbiased estimate of the accepted mass).
 
     `logp`: [V] float64 normalised log-probabilities (-inf: impossible). `accept(token)` is the
-    condition (called at most once per token). Returns (None or the last rejected token,
-    -inf) when nothing is accepted within `max_rejects`.
+    condition (called at most once per token). `mask()`, when given, returns the exact accepted
+    set as a [V] bool array (or None where it has none), asked after `MASK_AFTER` rejections
+    (see `_recursive`). Returns (None
+    or the last rejected token, -inf) when nothing is accepted within `max_rejects`.
     """
     cache: dict[int, bool] = {}
 
@@ -133,22 +139,34 @@ def awrs_sample(logp: np.ndarray, accept: Callable[[int], bool], rng: np.random.
             cache[token] = bool(accept(token))
         return cache[token]
 
-    if float(logp.max()) >= GEOMETRIC_THRESHOLD:
+    # The choice is a deterministic function of the step (the top token's check), so each
+    # estimator stays unbiased; a rejected top token would make the geometric run long.
+    top = int(np.argmax(logp))
+    if float(logp[top]) >= GEOMETRIC_THRESHOLD and ok(top):
         return _geometric(logp, ok, rng, max_rejects)
-    return _recursive(logp, ok, rng, max_rejects)
+    return _recursive(logp, ok, rng, max_rejects, mask)
 
 
 def _gumbel_keys(logp: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return logp + rng.gumbel(size=logp.shape[0])
 
 
-def _recursive(logp, ok, rng, max_rejects) -> tuple[int | None, float]:
+def _recursive(logp, ok, rng, max_rejects, mask=None) -> tuple[int | None, float]:
+    """The recursive estimator. After `MASK_AFTER` rejections, with an exact `mask` of the
+    accepted set, the rest of the walk is replaced by its exact value: the walk's next accepted
+    token is a draw from p restricted to the mask, and the estimate it would give has
+    expectation M (1 - R)^-1 Z = Z (M, the product of (1 - q) over the rejections, telescopes
+    to 1 - R): so the token is drawn from the masked distribution with weight exactly Z."""
     p = np.exp(logp)
     walk = _Walk(_gumbel_keys(logp, rng))
     num_possible = int(np.count_nonzero(p > 0))
     rejected_mass, log_m, n_rejects = 0.0, 0.0, 0
     token = None
     for i in range(num_possible):
+        if mask is not None and n_rejects == MASK_AFTER and n_rejects < max_rejects:
+            allowed, mask = mask(), None
+            if allowed is not None:
+                return _masked_draw(logp, allowed, rng, token)
         token = walk[i]
         last = i == num_possible - 1
         q = 1.0 if last else min(p[token] / max(1.0 - rejected_mass, 1e-300), 1.0)
@@ -165,6 +183,16 @@ def _recursive(logp, ok, rng, max_rejects) -> tuple[int | None, float]:
             return token, -math.inf
         log_m += math.log1p(-q)
     return token, -math.inf
+
+
+def _masked_draw(logp, allowed: np.ndarray, rng, last) -> tuple[int | None, float]:
+    if allowed.shape[0] < logp.shape[0]:  # a model vocabulary wider than the tokenizer's
+        allowed = np.pad(allowed, (0, logp.shape[0] - allowed.shape[0]))
+    masked = np.where(allowed, logp, -math.inf)
+    if not np.isfinite(masked).any():
+        return last, -math.inf
+    token = int(np.argmax(masked + rng.gumbel(size=masked.shape[0])))
+    return token, float(np.logaddexp.reduce(masked[np.isfinite(masked)]))
 
 
 def _geometric(logp, ok, rng, max_rejects) -> tuple[int | None, float]:
@@ -292,7 +320,7 @@ class AwrsStrategy(SelectionStrategy):
             ok = particle.condition.check(eos[0])
             return eos[0], float(logp[eos[0]]) if ok else -math.inf
         return awrs_sample(logp, particle.condition.check, self._rng,
-                           self.params.max_rejects or math.inf)
+                           self.params.max_rejects or math.inf, particle.condition.mask)
 
     def _maybe_resample(self) -> None:
         n = len(self._particles)

@@ -71,6 +71,39 @@ def test_token_is_exact_and_weight_unbiased(name, probs, accepted, max_rejects):
         assert chi_square_p(observed, expected) > 1e-3, (observed, expected)
 
 
+def test_the_mask_that_finishes_a_long_walk_keeps_it_exact_and_unbiased():
+    """After MASK_AFTER rejections a grammar's mask finishes the draw: still an exact draw with
+    an unbiased weight (here the accepted set is rare, so most draws end that way)."""
+    from decoding import awrs
+
+    rng_p = np.random.default_rng(3)
+    p = rng_p.dirichlet(np.full(300, 0.3))
+    accepted = set(np.argsort(p)[100:106].tolist())
+    z = p[list(accepted)].sum()
+    allowed = np.zeros(300, dtype=bool)
+    allowed[list(accepted)] = True
+    masks = []
+
+    def mask():
+        masks.append(1)
+        return allowed
+
+    rng, draws, weights, counts = np.random.default_rng(5), 20_000, [], Counter()
+    for _ in range(draws):
+        token, log_w = awrs_sample(np.log(p), lambda t: t in accepted, rng, mask=mask)
+        assert token in accepted
+        weights.append(math.exp(log_w))
+        counts[token] += 1
+    assert len(masks) > draws / 2, "the mask should finish most of these draws"
+    weights = np.array(weights)
+    assert abs(weights.mean() - z) < 4 * weights.std() / math.sqrt(draws) + 1e-12
+    order = sorted(accepted)
+    observed = [counts[t] for t in order]
+    expected = [draws * p[t] / z for t in order]
+    assert chi_square_p(observed, expected) > 1e-3, (observed, expected)
+    assert awrs.MASK_AFTER == 64
+
+
 # ---- sequences on a toy Markov model -----------------------------------------------------------
 
 A, B, EOS = 0, 1, 2
@@ -201,24 +234,17 @@ def test_first_token_follows_the_masked_distribution(engine, hf_model):
     assert chi_square_p(observed, expected) > 1e-3, list(zip(observed, expected))
 
 
-def test_a_grammar_and_the_same_language_as_a_predicate_draw_the_same(engine):
-    """The condition is all AWRS knows of a constraint: a regex compiled by llguidance and the
-    same language checked by a Python predicate give the same particles, weights and checks."""
-    from constraints.predicates import load_predicate, unregister_predicate
+def test_composes_with_set_prompts(engine):
+    """A parallel set's members do not depend on their order, so neither do AWRS's particles."""
     from decoding.constraint import Constraint
+    from engine.prompt import Parallel, StructuredPrompt
     from engine.sampling_params import SamplingParams
 
-    load_predicate("ddw=constraints.predicates:digits_dash_word")
-    try:
-        prompts = ["Ticket code:", "Your locker code is"]
-        by_grammar = engine.generate(prompts, SamplingParams(
-            max_new_tokens=16, transforms=(Constraint(regex=r"[0-9]{3}-[a-z]{2,8}"),),
-            strategy=Awrs(num_particles=4, seed=9)))
-        by_predicate = engine.generate(prompts, SamplingParams(
-            max_new_tokens=16, strategy=Awrs(num_particles=4, seed=9, predicate="ddw")))
-    finally:
-        unregister_predicate("ddw")
-    for a, b in zip(by_grammar, by_predicate):
-        assert [(c.token_ids, c.score) for c in a.candidates] == \
-            [(c.token_ids, c.score) for c in b.candidates]
-        assert a.constraint.checks == b.constraint.checks > 0
+    members = ["Red apples.", "Green pears and plums.", "Yellow bananas."]
+    params = SamplingParams(max_new_tokens=12, transforms=(Constraint(
+        choice=("apples", "pears", "plums", "bananas")),), strategy=Awrs(num_particles=4, seed=2))
+    outs = [engine.generate([StructuredPrompt(["Fruit:", Parallel(m), "The best one is"])],
+                            params)[0] for m in (members, members[::-1])]
+    assert outs[0].text in ("apples", "pears", "plums", "bananas")
+    assert [(c.token_ids, c.score) for c in outs[0].candidates] == \
+        [(c.token_ids, c.score) for c in outs[1].candidates]

@@ -10,6 +10,7 @@ the next tokens as values.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import faiss
@@ -367,3 +368,25 @@ def test_composes_with_every_strategy_in_one_batch(engine, kjv, search_calls, mo
     for (prompt, params), out in zip(requests, batched):
         _assert_same(out, engine.generate([prompt], [params])[0])
     assert batched[1].token_ids != batched[0].token_ids  # kNN-LM changed the greedy text
+
+
+def test_awrs_draws_from_the_interpolated_distribution(engine, kjv):
+    """AWRS checks tokens drawn from the transformed distribution: with kNN-LM it draws from
+    the interpolated one (other particles than without, every one still valid), and a request
+    equals its solo run when batched with a plain one."""
+    from decoding.awrs import Awrs
+    from decoding.constraint import Constraint
+
+    constraint = Constraint(regex=r" [A-Z][a-z]+ [a-z]+( [a-z]+){0,3}")
+    awrs = dict(max_new_tokens=12, transforms=(constraint,),
+                strategy=Awrs(num_particles=4, seed=4))
+    with_knn = SamplingParams(**{**awrs, "transforms": (constraint, _knn(lmbda=0.8))})
+    plain, knn = engine.generate([PROMPTS[0]] * 2, [SamplingParams(**awrs), with_knn])
+    assert [c.token_ids for c in plain.candidates] != [c.token_ids for c in knn.candidates]
+    for out in (plain, knn):
+        for c in out.candidates:
+            if c.score > float("-inf"):
+                assert re.fullmatch(r" [A-Z][a-z]+ [a-z]+( [a-z]+){0,3}", c.text), c.text
+    alone = engine.generate([PROMPTS[0]], [with_knn])[0]
+    assert [(c.token_ids, c.score) for c in alone.candidates] == \
+        [(c.token_ids, c.score) for c in knn.candidates]
