@@ -120,26 +120,48 @@ def fill_masks(states: list[ConstraintState], bitmask: np.ndarray,
                eos_token_ids: tuple[int, ...], executor=None) -> None:
     """Row i of `bitmask` ([n, words] int32) = the allowed tokens of `states[i]`: llguidance
     rows in one parallel call (it releases the GIL), the others one by one (outlines-core's
-    masks are table lookups)."""
+    masks are table lookups). A matcher that fails (a token it refused was appended, a backend
+    error, nothing allowed) gets EOS alone: its request ends instead of the engine."""
     llg_rows = []
     for i, state in enumerate(states):
-        m = state.matcher
         if state.failed:
-            bitmask[i] = 0
-            bits = bitmask[i].view(np.uint32)
-            for t in eos_token_ids:
-                bits[t // 32] |= np.uint32(1 << (t % 32))
-        elif executor is not None and hasattr(m, "raw"):
+            _eos_only(bitmask[i], eos_token_ids)
+        elif executor is not None and hasattr(state.matcher, "raw"):
             llg_rows.append(i)
         else:
-            m.fill_mask(bitmask[i])
+            _fill_one(state, bitmask[i], eos_token_ids)
     if llg_rows:
         import llguidance.numpy as lln
 
-        lln.fill_next_token_bitmask_par(executor, [(states[i].matcher.raw, i) for i in llg_rows],
-                                        bitmask)
+        try:
+            lln.fill_next_token_bitmask_par(
+                executor, [(states[i].matcher.raw, i) for i in llg_rows], bitmask)
+        except (ValueError, RuntimeError):  # find the failing rows one by one
+            for i in llg_rows:
+                _fill_one(states[i], bitmask[i], eos_token_ids)
+            return
         for i in llg_rows:
             states[i].matcher.fix_eos(bitmask[i])
+            if not bitmask[i].any():
+                states[i].failed = True
+                _eos_only(bitmask[i], eos_token_ids)
+
+
+def _fill_one(state: ConstraintState, row: np.ndarray, eos_token_ids) -> None:
+    try:
+        state.matcher.fill_mask(row)
+    except (ValueError, RuntimeError):
+        row[:] = 0
+    if not row.any():
+        state.failed = True
+        _eos_only(row, eos_token_ids)
+
+
+def _eos_only(row: np.ndarray, eos_token_ids) -> None:
+    row[:] = 0
+    bits = row.view(np.uint32)
+    for t in eos_token_ids:
+        bits[t // 32] |= np.uint32(1 << (t % 32))
 
 
 class ConstraintCompiler:

@@ -246,5 +246,7 @@ def test_composes_with_set_prompts(engine):
     outs = [engine.generate([StructuredPrompt(["Fruit:", Parallel(m), "The best one is"])],
                             params)[0] for m in (members, members[::-1])]
     assert outs[0].text in ("apples", "pears", "plums", "bananas")
-    assert [(c.token_ids, c.score) for c in outs[0].candidates] == \
-        [(c.token_ids, c.score) for c in outs[1].candidates]
+    # The same tokens; the weights up to float summation order inside the set's attention.
+    assert [c.token_ids for c in outs[0].candidates] == [c.token_ids for c in outs[1].candidates]
+    assert [c.score for c in outs[0].candidates] == pytest.approx(
+        [c.score for c in outs[1].candidates], rel=1e-5)

@@ -249,8 +249,10 @@ def test_server_bad_plugin_requests_name_the_field(server, request_, field):
 
 def test_model_info_lists_registered_plugins(server):
     info = server.stub.GetModelInfo(pb.ModelInfoRequest())
-    assert list(info.strategies) == ["greedy", "sampling", "contrastive", "beam", "kth_best"]
-    assert list(info.transforms) == ["knn_lm", "ban_tokens"]  # built-in kNN-LM first
+    assert list(info.strategies) == ["greedy", "sampling", "contrastive", "beam", "awrs",
+                                     "kth_best"]
+    # chain order: kNN-LM and plug-ins at 50 (registration order), constraint masks at 55
+    assert list(info.transforms) == ["knn_lm", "ban_tokens", "constraint"]
 
 
 def test_cli_generate_through_the_server_sends_plugins(server, hf_model, prompt_ids,

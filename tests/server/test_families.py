@@ -4,6 +4,8 @@ prompt included), and a cancelled stream returns its KV blocks or state slots.""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from decoding.params import Contrastive
@@ -51,7 +53,7 @@ def test_model_info_names_the_family(served_family, family_dir):
     family, _ = family_dir
     info = served_family.stub.GetModelInfo(pb.ModelInfoRequest())
     assert info.family == family
-    assert set(info.strategies) == {"greedy", "sampling", "contrastive", "beam"}
+    assert set(info.strategies) == {"greedy", "sampling", "contrastive", "beam", "awrs"}
     assert (info.kv_block_size == 0) == (family == "transnormer")
 
 
@@ -91,3 +93,16 @@ def test_cancelled_stream_frees_blocks_or_slots(served_family):
             break
     load = served_family.wait_idle()
     assert (load.running, load.waiting, load.kv_blocks_used) == (0, 0, 0)
+
+
+def test_constraints_run_on_every_family(served_family):
+    """The byte-level vocabulary comes from each family's own tokenizer: a constrained stream
+    matches, under masking and under AWRS."""
+    masked = text_request("The year was", 12)
+    masked.constraint.regex = r" [0-9]{4}"
+    weighted = text_request("The year was", 12)
+    weighted.constraint.regex = r" [0-9]{4}"
+    weighted.decoding.awrs.CopyFrom(pb.Awrs(num_particles=2, seed=1))
+    for request in (masked, weighted):
+        result = served_family.stub.Generate(request)
+        assert re.fullmatch(r" [0-9]{4}", result.text), result.text
