@@ -388,5 +388,6 @@ def test_awrs_draws_from_the_interpolated_distribution(engine, kjv):
             if c.score > float("-inf"):
                 assert re.fullmatch(r" [A-Z][a-z]+ [a-z]+( [a-z]+){0,3}", c.text), c.text
     alone = engine.generate([PROMPTS[0]], [with_knn])[0]
-    assert [(c.token_ids, c.score) for c in alone.candidates] == \
-        [(c.token_ids, c.score) for c in knn.candidates]
+    assert [c.token_ids for c in alone.candidates] == [c.token_ids for c in knn.candidates]
+    assert [c.score for c in alone.candidates] == pytest.approx(  # float order of the batch
+        [c.score for c in knn.candidates], rel=1e-6)
