@@ -156,11 +156,16 @@ def _recursive(logp, ok, rng, max_rejects, mask=None) -> tuple[int | None, float
     accepted set, the rest of the walk is replaced by its exact value: the walk's next accepted
     token is a draw from p restricted to the mask, and the estimate it would give has
     expectation M (1 - R)^-1 Z = Z (M, the product of (1 - q) over the rejections, telescopes
-    to 1 - R): so the token is drawn from the masked distribution with weight exactly Z."""
+    to 1 - R): so the token is drawn from the masked distribution with weight exactly Z.
+
+    The mass 1 - R of the tokens not yet rejected is kept as a running difference until it is
+    small, then summed afresh over those tokens: a valid continuation of probability 1e-9 (EOS
+    where nothing else fits) is still reached and weighted, where 1 - R computed as a difference
+    would have cancelled to noise (genlm-control kills the particle at R >= 1 - 1e-5)."""
     p = np.exp(logp)
     walk = _Walk(_gumbel_keys(logp, rng))
     num_possible = int(np.count_nonzero(p > 0))
-    rejected_mass, log_m, n_rejects = 0.0, 0.0, 0
+    remaining, summed, log_m, n_rejects = 1.0, False, 0.0, 0
     token = None
     for i in range(num_possible):
         if mask is not None and n_rejects == MASK_AFTER and n_rejects < max_rejects:
@@ -169,7 +174,7 @@ def _recursive(logp, ok, rng, max_rejects, mask=None) -> tuple[int | None, float
                 return _masked_draw(logp, allowed, rng, token)
         token = walk[i]
         last = i == num_possible - 1
-        q = 1.0 if last else min(p[token] / max(1.0 - rejected_mass, 1e-300), 1.0)
+        q = 1.0 if last else min(p[token] / remaining, 1.0)
         if ok(token):
             if last or n_rejects == max_rejects - 1:
                 return token, log_m
@@ -178,8 +183,12 @@ def _recursive(logp, ok, rng, max_rejects, mask=None) -> tuple[int | None, float
         if last or n_rejects == max_rejects - 1:
             return token, -math.inf
         n_rejects += 1
-        rejected_mass += p[token]
-        if rejected_mass >= 1.0 - 1e-5:
+        remaining -= p[token]
+        if remaining < 1e-4 and not summed:
+            live = np.ones(p.shape[0], dtype=bool)
+            live[walk.order[:i + 1]] = False
+            remaining, summed = float(p[live].sum()), True
+        if remaining <= 0.0:
             return token, -math.inf
         log_m += math.log1p(-q)
     return token, -math.inf

@@ -150,7 +150,7 @@ async def _one(stub, request: pb.GenerateRequest, echo: bool, weighted: bool) ->
         candidates.setdefault(0, {}).update(token_ids=token_ids, text=result["text"])
         result["candidates"] = [
             {"token_ids": c.get("token_ids", []), "text": c.get("text", ""),
-             "score": c.get("score")}
+             "score": finite_or_none(c["score"]) if "score" in c else None}
             | ({"log_weight": finite_or_none(c["score"]) if "score" in c else None}
                if weighted else {})
             for _, c in sorted(candidates.items())]

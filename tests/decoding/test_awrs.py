@@ -3,7 +3,9 @@
 - One token, toy distributions: the sampled token is an exact draw from p(x) 1[x in A] / Z (a
   chi-square test at the 0.001 level over 20,000 draws) and exp(log-weight) is an unbiased
   estimate of Z = p(A) (the Monte Carlo mean within 4 standard errors), for the recursive
-  estimator (top p < 2/3), the geometric one (top p >= 2/3), and a rejection limit.
+  estimator (top p < 2/3), the geometric one (top p >= 2/3), a rejection limit, an accepted
+  set of mass 1e-9 (reached and weighted, not lost to rounding), and the mask that finishes
+  long walks.
 - Sequences: on a toy Markov model whose globally constrained distribution p(y | y in C,
   |y| <= 4) is enumerated exactly, `AwrsStrategy` (driven through its StepView / StepDecision
   interface, as the engine drives it, forks and frees included) gives weighted particle sets
@@ -44,6 +46,7 @@ TOY = [
     ("geometric", [0.80, 0.06, 0.05, 0.04, 0.03, 0.01, 0.005, 0.005], {1, 2, 6}, math.inf),
     ("rare set", [0.40, 0.30, 0.15, 0.10, 0.03, 0.01, 0.005, 0.005], {5, 7}, math.inf),
     ("max rejects", [0.30, 0.22, 0.18, 0.12, 0.08, 0.05, 0.03, 0.02], {3, 6}, 3),
+    ("one in a billion", [0.5, 0.3, 0.15, 0.05 - 1e-9, 1e-9], {4}, math.inf),
 ]
 
 
@@ -64,7 +67,7 @@ def test_token_is_exact_and_weight_unbiased(name, probs, accepted, max_rejects):
     weights = np.array(weights)
     se = weights.std() / math.sqrt(draws)
     assert abs(weights.mean() - z) < 4 * se + 1e-12, (weights.mean(), z, se)
-    if max_rejects == math.inf:  # every draw returns an accepted token
+    if max_rejects == math.inf and len(accepted) > 1:  # every draw returns an accepted token
         order = sorted(accepted)
         observed = [counts[t] for t in order]
         expected = [draws * p[t] / z for t in order]
