@@ -227,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_args(p)
     _add_constraint_args(p, serve=True)
     _add_plugin_arg(p)
+    p = sub.add_parser("rerank", help="rank passages for a query with one prefill (listwise, "
+                                      "first-token label scores)")
+    _add_model_args(p)
+    p.add_argument("--query", required=True)
+    p.add_argument("--passages-file", required=True,
+                   help='JSONL, one {"text": ...} per passage (at most 20)')
+    p.add_argument("--order-invariant", action="store_true",
+                   help="passages as a parallel set: the ranking cannot depend on their order")
+    p.add_argument("--json", action="store_true",
+                   help='print {"ranking": [indices, best first], "scores": [input order]}')
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("which", choices=["throughput", "serve"])
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -253,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command == "rerank":
+        return _rerank(args)
     if args.command in ("datastore", "eval"):
         from retrieval.commands import run
         return run(args, make_engine_config)
@@ -308,6 +320,26 @@ def _serve(args) -> int:
         print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
         return 2
     return run(msgspec.structs.replace(engine_config, scheduler=scheduler), config)
+
+
+def _rerank(args) -> int:
+    from decoding.listwise import rerank
+    from engine.engine import Engine
+
+    try:
+        lines = Path(args.passages_file).read_text().splitlines()
+        passages = [json.loads(line)["text"] for line in lines if line.strip()]
+        engine = Engine(make_engine_config(args))
+        (result,) = rerank(engine, [(args.query, passages, args.order_invariant)])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(result)), flush=True)
+    else:
+        for place, i in enumerate(result.ranking, 1):
+            print(f"{place}. [{result.scores[i]:.3f}] {passages[i]}", flush=True)
+    return 0
 
 
 def _read_prompts(args) -> list:

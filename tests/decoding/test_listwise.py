@@ -72,3 +72,21 @@ def test_bad_passage_lists_name_the_field(engine):
         with pytest.raises(InvalidArgument) as err:
             listwise_prompt(engine.tokenizer, QUERY, passages, order_invariant=True)
         assert err.value.field == "passages"
+
+
+def test_cli_prints_the_ranking_as_json(engine, model_dir, tmp_path, capsys):
+    import json
+
+    from server.cli import main
+
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in PASSAGES))
+    assert main(["rerank", "--model", str(model_dir), "--query", QUERY, "--passages-file",
+                 str(path), "--order-invariant", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (expected,) = rerank(engine, [(QUERY, PASSAGES, True)])
+    assert printed["ranking"] == expected.ranking
+    assert printed["scores"] == pytest.approx(expected.scores, abs=1e-4)
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in PASSAGES * 6))
+    assert main(["rerank", "--model", str(model_dir), "--query", QUERY, "--passages-file",
+                 str(path)]) == 2
