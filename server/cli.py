@@ -323,7 +323,7 @@ def _serve(args) -> int:
 
 
 def _rerank(args) -> int:
-    from decoding.listwise import rerank
+    from reranking.listwise import rerank
     from engine.engine import Engine
 
     try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from decoding.base import InvalidArgument
-from decoding.listwise import LABELS, label_token_ids, listwise_prompt, rerank
+from reranking.listwise import LABELS, label_token_ids, listwise_prompt, rerank
 from engine.prompt import layout
 from tests.decoding.test_set_prompting import oracle_layout, set_mask
 from tests.factories import make_engine

@@ -1,0 +1,1 @@
+"""Listwise reranking with the served model (one prefill per query, label scores)."""
