@@ -93,9 +93,19 @@ def listwise_prompt(tokenizer, query: str, passages: Sequence[str], order_invari
     return StructuredPrompt(segments=[before, *middle, after], add_special_tokens=False), label_of
 
 
-def rank(label_logits: torch.Tensor, all_logits_logsumexp: torch.Tensor) -> Ranking:
-    """A Ranking from the label logits [n] and the logsumexp of the whole row."""
-    scores = (label_logits.float() - all_logits_logsumexp.float()).tolist()
+def prepare(tokenizer, query: str, passages: Sequence[str], order_invariant: bool):
+    """(prompt, the label token id of each passage in input order), validated."""
+    if not query.strip():
+        raise InvalidArgument("query", "must not be empty")
+    prompt, label_of = listwise_prompt(tokenizer, query, passages, order_invariant)
+    ids = label_token_ids(tokenizer, len(passages))
+    return prompt, [ids[label] for label in label_of]
+
+
+def score_hidden(engine, hidden: torch.Tensor, labels: Sequence[int]) -> Ranking:
+    """The Ranking of the first generated position's LM-head input `hidden` [hidden_size]."""
+    logits = engine.compute_logits(hidden[None])[0].float()
+    scores = (logits[list(labels)] - torch.logsumexp(logits, dim=-1)).tolist()
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     return Ranking(ranking=order, scores=scores)
 
@@ -109,9 +119,7 @@ def rerank(engine, requests: Sequence[tuple[str, Sequence[str], bool]]) -> list[
     params = SamplingParams(max_new_tokens=1, temperature=0.0)
     pending: dict[str, tuple[int, list[int]]] = {}
     for i, (query, passages, invariant) in enumerate(requests):
-        label_ids = label_token_ids(engine.tokenizer, len(passages))
-        prompt, label_of = listwise_prompt(engine.tokenizer, query, passages, invariant)
-        labels = [label_ids[label] for label in label_of]
+        prompt, labels = prepare(engine.tokenizer, query, passages, invariant)
         gen = engine.make_request(prompt, params, captures=["final_hidden"])
         engine.add_request(gen)
         pending[gen.req_id] = (i, labels)
@@ -120,8 +128,5 @@ def rerank(engine, requests: Sequence[tuple[str, Sequence[str], bool]]) -> list[
         for out in engine.step():
             if out.captures and "final_hidden" in out.captures and out.req_id in pending:
                 hidden[pending[out.req_id][0]] = out.captures["final_hidden"]
-    results = []
-    for req_id, (i, labels) in sorted(pending.items(), key=lambda kv: kv[1][0]):
-        logits = engine.compute_logits(hidden[i][None])[0].float()
-        results.append(rank(logits[labels], torch.logsumexp(logits, dim=-1)))
-    return results
+    return [score_hidden(engine, hidden[i], labels)
+            for i, labels in sorted(pending.values(), key=lambda v: v[0])]

@@ -47,6 +47,8 @@ class Submission(msgspec.Struct, kw_only=True):
     text: bool = True
     logprobs: bool = False
     candidate_scores: bool = False
+    captures: tuple[str, ...] = ()
+    """Activations the engine returns with the request's outputs (Rerank's LM-head input)."""
 
 
 class Context(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,6 +192,19 @@ def _check_reserved(msg: pb.GenerateRequest) -> None:
         raise Unimplemented("priority", "priority scheduling is not available; send 0")
     if msg.response.prompt_logprobs:
         raise Unimplemented("response.prompt_logprobs", "prompt logprobs are not available")
+
+
+def rerank_submission(msg: pb.RerankRequest, ctx: Context) -> tuple[Submission, list[int]]:
+    """The one-token request of a Rerank call and the label token id of each passage."""
+    from reranking.listwise import prepare
+
+    _require(len(msg.query.encode()) + sum(len(p.encode()) for p in msg.passages)
+             <= ctx.max_prompt_bytes, "passages", f"query and passages exceed "
+             f"{ctx.max_prompt_bytes} bytes")
+    prompt, labels = prepare(ctx.tokenizer, msg.query, list(msg.passages), msg.order_invariant)
+    params = SamplingParams(max_new_tokens=1, temperature=0.0)
+    return Submission(request_id=msg.request_id or None, prompt=prompt, params=params,
+                      token_ids=False, text=False, captures=("final_hidden",)), labels
 
 
 def prompt_form(prompt: pb.Prompt) -> prompts.Prompt:

@@ -158,7 +158,8 @@ class EngineClient:
         if owner in self._owned:
             raise InvalidArgument("request_id", f"{owner[1]!r} is already running")
         stream = self.front.submit(sub.prompt, sub.params, secrets.token_hex(16),
-                                   extra_key=sub.extra_key, compiled=compiled)
+                                   captures=sub.captures, extra_key=sub.extra_key,
+                                   compiled=compiled)
         tracked = Tracked(self, sub, stream, owner)
         self._owned[owner] = tracked
         self._idle.clear()

@@ -21,7 +21,8 @@ from server import convert
 from server.auth import Principals
 from server.config import ServerConfig
 from server.engine_client import EngineClient, Tracked
-from server.errors import ResourceExhausted, Unavailable, abort_with, status_of
+from reranking.listwise import score_hidden
+from server.errors import Cancelled, ResourceExhausted, Unavailable, abort_with, status_of
 from server.metrics import Metrics, RequestTimer
 from server.pb import pb, pb_grpc
 
@@ -156,6 +157,27 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         result.finished.CopyFrom(event.finished)
                 result.candidates.extend(convert.candidate_results(tracked.final))
             return result
+
+    async def Rerank(self, request, context):
+        async with self._generation_rpc(context):
+            self.client.check_accepting()
+            sub, labels = await self._off_loop(convert.rerank_submission, request, self.ctx)
+            hidden, final = None, None
+            tracked = self.client.submit(sub, self._principal(context), context.time_remaining())
+            async with aclosing(tracked):
+                async for out in tracked:
+                    if out.captures and "final_hidden" in out.captures:
+                        hidden = out.captures["final_hidden"]
+                    final = out
+            if hidden is None:  # aborted (Abort, deadline, drain) before its prefill ran
+                raise Cancelled(f"request {tracked.req_id!r} ended before it was scored")
+            ranking = await self._off_loop(score_hidden, self.client.engine, hidden, labels)
+            return pb.RerankResponse(
+                request_id=tracked.req_id, ranking=ranking.ranking, scores=ranking.scores,
+                usage=pb.Usage(prompt_tokens=final.num_prompt_tokens,
+                               completion_tokens=final.num_output_tokens,
+                               cached_tokens=final.num_cached_tokens,
+                               forward_tokens=final.num_forward_tokens))
 
     async def Abort(self, request, context):
         return pb.AbortResponse(aborted=self.client.abort(self._principal(context),

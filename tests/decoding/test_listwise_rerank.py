@@ -90,3 +90,29 @@ def test_cli_prints_the_ranking_as_json(engine, model_dir, tmp_path, capsys):
     path.write_text("".join(json.dumps({"text": p}) + "\n" for p in PASSAGES * 6))
     assert main(["rerank", "--model", str(model_dir), "--query", QUERY, "--passages-file",
                  str(path)]) == 2
+
+
+def test_rerank_rpc_equals_offline_and_names_bad_fields(engine, model_dir):
+    import grpc
+
+    from server.pb import pb
+    from tests.server.conftest import start_server
+
+    served = start_server(model_dir)
+    try:
+        request = pb.RerankRequest(query=QUERY, passages=PASSAGES, order_invariant=True)
+        got = served.stub.Rerank(request)
+        (expected,) = rerank(engine, [(QUERY, PASSAGES, True)])
+        assert list(got.ranking) == expected.ranking
+        assert list(got.scores) == pytest.approx(expected.scores, abs=1e-4)
+        assert got.usage.prompt_tokens > 50 and got.request_id
+        for bad, field in ((pb.RerankRequest(query="", passages=PASSAGES), "query"),
+                           (pb.RerankRequest(query=QUERY), "passages"),
+                           (pb.RerankRequest(query=QUERY, passages=PASSAGES * 6), "passages")):
+            with pytest.raises(grpc.RpcError) as err:
+                served.stub.Rerank(bad)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details().startswith(f"{field}:"), err.value.details()
+        assert served.wait_idle().kv_blocks_used == 0
+    finally:
+        served.close()

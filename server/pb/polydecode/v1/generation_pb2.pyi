@@ -25,6 +25,30 @@ FINISH_CONTEXT_LIMIT: FinishReason
 FINISH_TIME_LIMIT: FinishReason
 FINISH_CANCELLED: FinishReason
 
+class RerankRequest(_message.Message):
+    __slots__ = ("request_id", "query", "passages", "order_invariant")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    PASSAGES_FIELD_NUMBER: _ClassVar[int]
+    ORDER_INVARIANT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    query: str
+    passages: _containers.RepeatedScalarFieldContainer[str]
+    order_invariant: bool
+    def __init__(self, request_id: _Optional[str] = ..., query: _Optional[str] = ..., passages: _Optional[_Iterable[str]] = ..., order_invariant: _Optional[bool] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("request_id", "ranking", "scores", "usage")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RANKING_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    ranking: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    usage: Usage
+    def __init__(self, request_id: _Optional[str] = ..., ranking: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class GenerationStub:
                 request_serializer=polydecode_dot_v1_dot_generation__pb2.LoadRequest.SerializeToString,
                 response_deserializer=polydecode_dot_v1_dot_generation__pb2.Load.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/polydecode.v1.Generation/Rerank',
+                request_serializer=polydecode_dot_v1_dot_generation__pb2.RerankRequest.SerializeToString,
+                response_deserializer=polydecode_dot_v1_dot_generation__pb2.RerankResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -113,6 +118,16 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Ranks passages for a query with one prefill: the passages, labelled [A], [B], ..., go
+        into one listwise prompt and the log-probabilities of the label tokens at the first
+        generated position score them all (FIRST-style single-token reranking). Batched with
+        every other request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +160,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=polydecode_dot_v1_dot_generation__pb2.LoadRequest.FromString,
                     response_serializer=polydecode_dot_v1_dot_generation__pb2.Load.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=polydecode_dot_v1_dot_generation__pb2.RerankRequest.FromString,
+                    response_serializer=polydecode_dot_v1_dot_generation__pb2.RerankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +329,33 @@ class Generation:
             '/polydecode.v1.Generation/GetLoad',
             polydecode_dot_v1_dot_generation__pb2.LoadRequest.SerializeToString,
             polydecode_dot_v1_dot_generation__pb2.Load.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polydecode.v1.Generation/Rerank',
+            polydecode_dot_v1_dot_generation__pb2.RerankRequest.SerializeToString,
+            polydecode_dot_v1_dot_generation__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,
