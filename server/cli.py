@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passages as a parallel set: the ranking cannot depend on their order")
     p.add_argument("--json", action="store_true",
                    help='print {"ranking": [indices, best first], "scores": [input order]}')
+    p.add_argument("--server", default=None, metavar="ADDR",
+                   help="rank through a running server (host:port) instead of offline")
+    add_client_security_args(p)
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("which", choices=["throughput", "serve"])
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -329,11 +332,18 @@ def _rerank(args) -> int:
     try:
         lines = Path(args.passages_file).read_text().splitlines()
         passages = [json.loads(line)["text"] for line in lines if line.strip()]
-        engine = Engine(make_engine_config(args))
-        (result,) = rerank(engine, [(args.query, passages, args.order_invariant)])
+        if args.server:
+            from server.client import rerank_remote
+
+            result = rerank_remote(args, passages)
+        else:
+            engine = Engine(make_engine_config(args))
+            (result,) = rerank(engine, [(args.query, passages, args.order_invariant)])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
         return 2
+    if result is None:
+        return 1
     if args.json:
         print(json.dumps(msgspec.to_builtins(result)), flush=True)
     else:

@@ -184,3 +184,23 @@ def generate_remote(args, prompt_list: list[prompts.Prompt], params) -> int:
         return 2 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
                                    grpc.StatusCode.NOT_FOUND) else 1
     return 0
+
+
+def rerank_remote(args, passages: list[str]):
+    """`polydecode rerank --server ADDR`: the server's Ranking (None after printing the error
+    status; InvalidArgument statuses raise ValueError for the usage exit)."""
+    from reranking.listwise import Ranking
+
+    async def call():
+        async with client_channel(args.server, args) as channel:
+            return await pb_grpc.GenerationStub(channel).Rerank(pb.RerankRequest(
+                query=args.query, passages=passages, order_invariant=args.order_invariant))
+
+    try:
+        got = asyncio.run(call())
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            raise ValueError(exc.details()) from None
+        print(f"polydecode: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return None
+    return Ranking(ranking=list(got.ranking), scores=list(got.scores))

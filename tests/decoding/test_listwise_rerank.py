@@ -116,3 +116,23 @@ def test_rerank_rpc_equals_offline_and_names_bad_fields(engine, model_dir):
         assert served.wait_idle().kv_blocks_used == 0
     finally:
         served.close()
+
+
+def test_cli_through_a_server_prints_the_same(engine, model_dir, tmp_path, capsys):
+    import json
+
+    from server.cli import main
+    from tests.server.conftest import start_server
+
+    path = tmp_path / "passages.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in PASSAGES))
+    served = start_server(model_dir)
+    try:
+        assert main(["rerank", "--server", served.address, "--query", QUERY,
+                     "--passages-file", str(path), "--json"]) == 0
+    finally:
+        served.close()
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (expected,) = rerank(engine, [(QUERY, PASSAGES, False)])
+    assert printed["ranking"] == expected.ranking
+    assert printed["scores"] == pytest.approx(expected.scores, abs=1e-4)
