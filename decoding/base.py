@@ -320,6 +320,12 @@ class StepView(msgspec.Struct, kw_only=True):
     condition: Any = None
     """Strategies that set `checks_constraint`: the generation's `constraints.condition.
     Condition` (its constraint and / or predicate)."""
+    prompt_token_ids: list[int] = []
+    decode: Any = None
+    """token ids -> text, as the client's text is detokenized."""
+    scorer: Any = None
+    """The `decoding.scorers.Scorer` a strategy's params name (`scorer`), looked up at
+    admission."""
 
 
 class Fork(msgspec.Struct, frozen=True):

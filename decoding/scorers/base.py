@@ -18,6 +18,18 @@ class Scorer(abc.ABC):
         """[n] float32 scores of the pairs (prefixes[i], continuations[i])."""
 
 
+class LazyScorer(Scorer):
+    """A scorer built on first use (the bundled MiniLM loads in about a second)."""
+
+    def __init__(self, build) -> None:
+        self._build, self._scorer = build, None
+
+    def score(self, prefixes: Sequence[str], continuations: Sequence[str]) -> torch.Tensor:
+        if self._scorer is None:
+            self._scorer = self._build()
+        return self._scorer.score(prefixes, continuations)
+
+
 _SCORERS: dict[str, Scorer] = {}
 
 

@@ -48,6 +48,9 @@ class StrategyPort(Protocol):
     def abort_output(self, gen: Generation) -> RequestOutput:
         """The final output of an aborted generation."""
 
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of token ids, special tokens skipped."""
+
 
 class EnginePort:
     """`StrategyPort` over the engine's scheduler, KV cache manager and output processor."""
@@ -91,3 +94,6 @@ class EnginePort:
 
     def abort_output(self, gen: Generation) -> RequestOutput:
         return self.outputs.finish(gen)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.outputs.tokenizer.decode(token_ids, skip_special_tokens=True)

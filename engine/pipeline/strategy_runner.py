@@ -194,7 +194,9 @@ class StrategyRunner:
                         eos_token_ids=gen.eos_token_ids,
                         max_new_tokens=params.max_new_tokens,
                         min_new_tokens=params.min_new_tokens, ignore_eos=params.ignore_eos,
-                        seed=gen.seed, condition=gen.condition)
+                        seed=gen.seed, condition=gen.condition,
+                        prompt_token_ids=gen.prompt_token_ids, decode=self.port.decode,
+                        scorer=gen.scorer)
 
     # ---- applying a decision -------------------------------------------------------------------
 
