@@ -323,9 +323,6 @@ class StepView(msgspec.Struct, kw_only=True):
     prompt_token_ids: list[int] = []
     decode: Any = None
     """token ids -> text, as the client's text is detokenized."""
-    scorer: Any = None
-    """The `decoding.scorers.Scorer` a strategy's params name (`scorer`), looked up at
-    admission."""
 
 
 class Fork(msgspec.Struct, frozen=True):
@@ -435,6 +432,11 @@ class SelectionStrategy(abc.ABC):
     def max_branches(params) -> int:
         """Most branches a request with `params` keeps alive (KV budget check at admission)."""
         return 1
+
+    @classmethod
+    def check_loaded(cls, params) -> None:
+        """Raises `NotFound` (field relative to the params, e.g. "scorer") when `params` name
+        a resource this process has not loaded; called when the engine admits a request."""
 
     @classmethod
     def select(cls, logits: torch.Tensor, batch: SamplingBatch,

@@ -20,10 +20,11 @@ import math
 import msgspec
 import torch
 
-from decoding.base import (Candidate, Fork, InvalidArgument, SelectionStrategy, StepDecision,
-                           StepView)
+from decoding.base import (Candidate, Fork, InvalidArgument, NotFound, SelectionStrategy,
+                           StepDecision, StepView)
 from decoding.registry import register_strategy
 from decoding.sampling import exponential_race
+from decoding.scorers import get_scorer, scorer_names
 from decoding.transforms import apply_top_k_top_p
 
 MAX_BEAMS = 8
@@ -87,6 +88,12 @@ class RankGenStrategy(SelectionStrategy):
     @staticmethod
     def max_branches(params) -> int:
         return params.beam_size * params.num_samples
+
+    @classmethod
+    def check_loaded(cls, params: RankGen) -> None:
+        if get_scorer(params.scorer) is None:
+            raise NotFound("scorer", f"unknown scorer {params.scorer!r}; loaded: "
+                                     f"{', '.join(scorer_names()) or 'none'}")
 
     def _sample(self, logits: torch.Tensor, seeds: list[int], steps: list[int]) -> list[int]:
         """One nucleus draw per row, with the `sampling` strategy's noise."""
@@ -181,7 +188,7 @@ class RankGenStrategy(SelectionStrategy):
         if len(pool) > 1:
             texts = [view.decode(c.tokens) for c in pool]
             prompt = view.decode(view.prompt_token_ids)
-            scores = view.scorer.score([prompt] * len(pool), texts).tolist()
+            scores = get_scorer(self.params.scorer).score([prompt] * len(pool), texts).tolist()
             for cand, score in zip(pool, scores):
                 cand.score = float(score)
         order = sorted(range(len(pool)), key=lambda i: -pool[i].score)

@@ -17,7 +17,6 @@ from constraints.condition import Condition
 from constraints.predicates import get_predicate, predicate_names
 from decoding import registry
 from decoding.base import Capture, NotFound
-from decoding.scorers import get_scorer, scorer_names
 from engine.core.cache_manager import create_cache_manager
 from engine.config import EngineConfig
 from engine.errors import InvalidArgument
@@ -102,12 +101,6 @@ class Engine:
             gen.constraint_stats = ConstraintStats()
         if type(gen.strategy).checks_constraint:
             gen.condition = self._condition(gen)
-        scorer = getattr(gen.params.selection, "scorer", None)
-        if scorer is not None:
-            gen.scorer = get_scorer(scorer)
-            if gen.scorer is None:
-                raise NotFound("strategy.scorer", f"unknown scorer {scorer!r}; loaded: "
-                               f"{', '.join(scorer_names()) or 'none'}")
         if layout is not None and self.kv_cache.state_slots:
             self._validate_sets_fit_one_chunk(layout)
         return gen

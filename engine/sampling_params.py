@@ -157,6 +157,11 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         Raises:
             NotFound: field "<transform name>.<field>", e.g. "knn_lm.datastore".
         """
+        strategy = registry.entry(self.selection)
+        try:
+            strategy.cls.check_loaded(self.selection)
+        except NotFound as exc:
+            raise exc.under("strategy") from None
         for params in self.transforms:
             entry = registry.entry(params)
             try:

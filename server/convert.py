@@ -19,6 +19,7 @@ from constraints.predicates import predicate_names
 from decoding import registry
 from decoding.constraint import BACKENDS as CONSTRAINT_BACKENDS
 from decoding.constraint import KINDS as CONSTRAINT_KINDS
+from decoding.scorers import scorer_names
 from engine.errors import InvalidArgument
 from engine.messages import RequestOutput, TokenLogprob
 from engine.prompt import StructuredPrompt
@@ -415,7 +416,7 @@ def model_info(engine, ctx: Context) -> pb.ModelInfo:
         constraints=list(CONSTRAINT_KINDS),
         constraint_backends=[engine.constraints.default_backend] + [
             b for b in CONSTRAINT_BACKENDS if b != engine.constraints.default_backend],
-        predicates=predicate_names(),
+        predicates=predicate_names(), scorers=scorer_names(),
         datastores=[pb.DatastoreInfo(name=name, keys=len(store), dim=store.meta.dim,
                                      index=store.kind)
                     for name, store in stores.open_datastores().items()],

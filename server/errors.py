@@ -35,6 +35,7 @@ FIELD_PATHS = {
     "logit_bias": "penalties.logit_bias",
     "logprobs": "response.top_logprobs",
     "strategy.predicate": "decoding.awrs.predicate",
+    "strategy.scorer": "decoding.rankgen.scorer",
 }
 """Engine field name -> proto field path."""
 

@@ -73,8 +73,6 @@ class Generation(TokenSequence):
         """`constraints.compiler.ConstraintStats` of all branches, when constrained."""
         self.condition = None
         """The condition a `checks_constraint` strategy (AWRS) checks tokens against."""
-        self.scorer = None
-        """The scorer a strategy's params name (RankGen), looked up at admission."""
 
     @property
     def max_branches(self) -> int:

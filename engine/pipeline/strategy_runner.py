@@ -195,8 +195,7 @@ class StrategyRunner:
                         max_new_tokens=params.max_new_tokens,
                         min_new_tokens=params.min_new_tokens, ignore_eos=params.ignore_eos,
                         seed=gen.seed, condition=gen.condition,
-                        prompt_token_ids=gen.prompt_token_ids, decode=self.port.decode,
-                        scorer=gen.scorer)
+                        prompt_token_ids=gen.prompt_token_ids, decode=self.port.decode)
 
     # ---- applying a decision -------------------------------------------------------------------
 

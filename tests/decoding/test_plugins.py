@@ -250,7 +250,7 @@ def test_server_bad_plugin_requests_name_the_field(server, request_, field):
 def test_model_info_lists_registered_plugins(server):
     info = server.stub.GetModelInfo(pb.ModelInfoRequest())
     assert list(info.strategies) == ["greedy", "sampling", "contrastive", "beam", "awrs",
-                                     "kth_best"]
+                                     "rankgen", "kth_best"]
     # chain order: kNN-LM and plug-ins at 50 (registration order), constraint masks at 55
     assert list(info.transforms) == ["knn_lm", "ban_tokens", "constraint"]
 

@@ -114,8 +114,12 @@ CASES = [
      "stopping.stop_sequences"),
     ("beam length penalty nan", _req(decoding__beam=pb.BeamSearch(
         num_beams=2, length_penalty=float("nan"))), INVALID, "decoding.beam.length_penalty"),
-    ("rankgen (not yet)", _req(decoding__rankgen=pb.RankGenRerank(num_candidates=4)),
-     UNIMPLEMENTED, "decoding.rankgen"),
+    ("rankgen unknown scorer", _req(decoding__rankgen=pb.RankGenRerank(scorer="nope")),
+     grpc.StatusCode.NOT_FOUND, "decoding.rankgen.scorer"),
+    ("rankgen too many candidates", _req(decoding__rankgen=pb.RankGenRerank(
+        beam_size=8, num_samples=32)), INVALID, "decoding.rankgen.num_samples"),
+    ("rankgen top_p", _req(decoding__rankgen=pb.RankGenRerank(top_p=1.5)), INVALID,
+     "decoding.rankgen.top_p"),
     ("knn-lm unknown datastore", _req(knn_lm=pb.KnnLm(datastore="no-such", k=8)),
      grpc.StatusCode.NOT_FOUND, "knn_lm.datastore"),
     ("knn-lm k too large", _req(knn_lm=pb.KnnLm(datastore="no-such", k=5000)), INVALID,

@@ -53,7 +53,8 @@ def test_model_info_names_the_family(served_family, family_dir):
     family, _ = family_dir
     info = served_family.stub.GetModelInfo(pb.ModelInfoRequest())
     assert info.family == family
-    assert set(info.strategies) == {"greedy", "sampling", "contrastive", "beam", "awrs"}
+    assert set(info.strategies) == {"greedy", "sampling", "contrastive", "beam", "awrs",
+                                "rankgen"}
     assert (info.kv_block_size == 0) == (family == "transnormer")
 
 

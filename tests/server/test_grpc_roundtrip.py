@@ -178,7 +178,8 @@ def test_tokenize_model_info_and_load(served, offline):
     assert info.vocab_size == offline.vocab_size and info.family == "llama"
     assert info.max_context == offline.max_model_len
     assert list(info.eos_token_ids) == list(offline.tokenizer.eos_token_ids)
-    assert set(info.strategies) == {"greedy", "sampling", "contrastive", "beam", "awrs"}
+    assert set(info.strategies) == {"greedy", "sampling", "contrastive", "beam", "awrs",
+                                "rankgen"}
     assert list(info.transforms) == ["knn_lm", "constraint"] and not info.datastores
     load = served.load()
     assert load.kv_blocks_total == 256 and not load.draining

@@ -155,18 +155,22 @@ class KnnLm(_message.Message):
     def __init__(self, datastore: _Optional[str] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., nprobe: _Optional[int] = ..., recompute: _Optional[bool] = ..., entropy_threshold: _Optional[float] = ..., **kwargs) -> None: ...
 
 class RankGenRerank(_message.Message):
-    __slots__ = ("scorer_id", "num_candidates", "rerank_every_tokens", "beam_size", "base")
-    SCORER_ID_FIELD_NUMBER: _ClassVar[int]
-    NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
-    RERANK_EVERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("beam_size", "num_samples", "tokens_per_round", "top_p", "temperature", "scorer", "seed")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
-    BASE_FIELD_NUMBER: _ClassVar[int]
-    scorer_id: str
-    num_candidates: int
-    rerank_every_tokens: int
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SCORER_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
-    base: Sampling
-    def __init__(self, scorer_id: _Optional[str] = ..., num_candidates: _Optional[int] = ..., rerank_every_tokens: _Optional[int] = ..., beam_size: _Optional[int] = ..., base: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    num_samples: int
+    tokens_per_round: int
+    top_p: float
+    temperature: float
+    scorer: str
+    seed: int
+    def __init__(self, beam_size: _Optional[int] = ..., num_samples: _Optional[int] = ..., tokens_per_round: _Optional[int] = ..., top_p: _Optional[float] = ..., temperature: _Optional[float] = ..., scorer: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Awrs(_message.Message):
     __slots__ = ("num_particles", "ess_threshold", "max_rejects", "predicate", "temperature", "seed")
@@ -520,7 +524,7 @@ class Limits(_message.Message):
     def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_stop_bytes: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_parallel_members: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_queued_prompt_tokens: _Optional[int] = ..., max_prompt_bytes: _Optional[int] = ..., max_logit_bias: _Optional[int] = ..., max_stop_token_ids: _Optional[int] = ..., max_transforms: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "family", "max_context", "vocab_size", "eos_token_ids", "strategies", "constraints", "dtype", "kv_block_size", "limits", "transforms", "datastores", "predicates", "constraint_backends")
+    __slots__ = ("model", "family", "max_context", "vocab_size", "eos_token_ids", "strategies", "constraints", "dtype", "kv_block_size", "limits", "transforms", "datastores", "predicates", "constraint_backends", "scorers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -535,6 +539,7 @@ class ModelInfo(_message.Message):
     DATASTORES_FIELD_NUMBER: _ClassVar[int]
     PREDICATES_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    SCORERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     family: str
     max_context: int
@@ -549,7 +554,8 @@ class ModelInfo(_message.Message):
     datastores: _containers.RepeatedCompositeFieldContainer[DatastoreInfo]
     predicates: _containers.RepeatedScalarFieldContainer[str]
     constraint_backends: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., strategies: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., transforms: _Optional[_Iterable[str]] = ..., datastores: _Optional[_Iterable[_Union[DatastoreInfo, _Mapping]]] = ..., predicates: _Optional[_Iterable[str]] = ..., constraint_backends: _Optional[_Iterable[str]] = ...) -> None: ...
+    scorers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., strategies: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., kv_block_size: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., transforms: _Optional[_Iterable[str]] = ..., datastores: _Optional[_Iterable[_Union[DatastoreInfo, _Mapping]]] = ..., predicates: _Optional[_Iterable[str]] = ..., constraint_backends: _Optional[_Iterable[str]] = ..., scorers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DatastoreInfo(_message.Message):
     __slots__ = ("name", "keys", "dim", "index")
