@@ -72,6 +72,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--num-return", type=int, default=1, help="beam search: sequences returned")
+    r = p.add_argument_group("RankGen (--strategy rankgen)")
+    r.add_argument("--beam-size", type=int, default=None, help="beams kept per round (2)")
+    r.add_argument("--num-samples", type=int, default=None, help="samples per beam (10)")
+    r.add_argument("--tokens-per-round", type=int, default=None, help="tokens per sample (20)")
+    r.add_argument("--scorer", default=None,
+                   help="minilm (default), or offline NAME=DIR / with --server a NAME the "
+                        "server loaded (serve --scorer)")
 
 
 def _add_knn_args(p: argparse.ArgumentParser) -> None:
@@ -163,6 +170,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="largest stopping.max_new_tokens a request may ask for")
     p.add_argument("--max-stop-sequences", type=int, default=8)
     p.add_argument("--max-top-logprobs", type=int, default=20)
+    p.add_argument("--scorer", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a RankGen-format T5 scorer directory under NAME (repeatable; "
+                        "minilm is built in)")
     p.add_argument("--datastore", action="append", default=[], metavar="NAME=DIR",
                    help="serve a kNN-LM datastore under NAME (repeatable); it must have been "
                         "built with the served model")
@@ -297,7 +307,9 @@ def _serve(args) -> int:
     try:
         for spec in args.predicate:
             load_predicate(spec)
-    except ValueError as exc:
+        for spec in args.scorer:
+            load_scorer(spec)
+    except (OSError, ValueError) as exc:
         print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
         return 2
     engine_config = make_engine_config(args)
@@ -394,7 +406,12 @@ def _flag_fields(args) -> dict:
                  num_particles=getattr(args, "num_particles", None),
                  ess_threshold=getattr(args, "ess_threshold", None),
                  max_rejects=getattr(args, "max_rejects", None),
-                 predicate=predicate_name(getattr(args, "predicate", None)))
+                 predicate=predicate_name(getattr(args, "predicate", None)),
+                 beam_size=getattr(args, "beam_size", None),
+                 num_samples=getattr(args, "num_samples", None),
+                 tokens_per_round=getattr(args, "tokens_per_round", None),
+                 scorer=(args.scorer or "").partition("=")[0] or None
+                 if hasattr(args, "scorer") and args.command == "generate" else None)
     if args.temperature == 0 and args.strategy not in (None, "greedy", "sampling"):
         del given["temperature"]  # the greedy default, not a temperature of this strategy
     return {field: value for field, value in given.items() if value is not None}
@@ -504,6 +521,17 @@ def make_knn_lm(args) -> tuple:
     return (registry.parse_params("knn_lm", fields, "transform", "knn_lm"),)
 
 
+def load_scorer(spec: str) -> None:
+    """Registers `NAME=DIR`, a RankGen-format T5 scorer directory; ValueError / OSError."""
+    from decoding.scorers import register_scorer
+    from decoding.scorers.rankgen_t5 import T5RankGenScorer
+
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--scorer {spec!r}: expected NAME=DIR")
+    register_scorer(name, T5RankGenScorer(path))
+
+
 def register_cli_predicates(args) -> None:
     """Offline `generate --predicate NAME=module:function`: registers the predicates."""
     from constraints.predicates import load_predicate
@@ -549,6 +577,8 @@ def _generate(args) -> int:
         if args.datastore is not None:
             open_cli_datastore(args)
         register_cli_predicates(args)
+        if args.scorer and "=" in args.scorer:
+            load_scorer(args.scorer)
         engine = Engine(make_engine_config(args))
         prompts = [to_engine(p, engine.tokenizer, engine.vocab_size)[0] for p in prompts]
         results = engine.generate(prompts, params)
