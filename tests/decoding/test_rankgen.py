@@ -44,3 +44,25 @@ def test_search_keeps_the_best_scored_beams_and_is_batch_invariant(engine):
     direct = get_scorer("minilm").score([prompt_text] * 2, [c.text for c in solo.candidates])
     assert direct.tolist() == pytest.approx(scores, abs=1e-5)
     assert solo.token_ids == solo.candidates[0].token_ids
+
+
+def test_grpc_request_equals_offline_with_candidate_scores(engine, model_dir):
+    from server.pb import pb
+    from tests.server.conftest import start_server, text_request
+
+    params = RankGen(beam_size=2, num_samples=2, tokens_per_round=3, seed=5)
+    offline = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=9, strategy=params))[0]
+    served = start_server(model_dir)
+    try:
+        request = text_request(PROMPTS[1], 9)
+        request.decoding.rankgen.CopyFrom(pb.RankGenRerank(beam_size=2, num_samples=2,
+                                                           tokens_per_round=3, seed=5))
+        request.response.candidate_scores = True
+        result = served.stub.Generate(request)
+        assert "minilm" in served.stub.GetModelInfo(pb.ModelInfoRequest()).scorers
+        assert served.wait_idle().kv_blocks_used == 0
+    finally:
+        served.close()
+    assert list(result.token_ids) == offline.token_ids
+    assert [c.score for c in result.candidates] == pytest.approx(
+        [c.score for c in offline.candidates], abs=1e-5)
