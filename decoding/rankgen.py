@@ -2,7 +2,7 @@
 
 Each round, every live beam draws `num_samples` nucleus samples of `tokens_per_round` new
 tokens; every candidate's whole continuation so far is scored against the prompt by a scorer
-(`decoding.scorers`), and the best `beam_size` survive (finished beams of earlier rounds compete
+(`decoding.scorers`, or `self`: the served model's mean token log-probability), and the best `beam_size` survive (finished beams of earlier rounds compete
 with their scores). Over-generate-and-rerank is beam_size 1 with one round; beam_size 1 and
 num_samples 1 is plain sampling, token for token (the draws use the same counter-based noise as
 the `sampling` strategy, keyed by the request's seed and the token's position; sample j > 0 of a
@@ -27,6 +27,9 @@ from decoding.sampling import exponential_race
 from decoding.scorers import get_scorer, scorer_names
 from decoding.transforms import apply_top_k_top_p
 
+SELF = "self"
+"""The served model as the scorer: a candidate's mean token log-probability given the prompt,
+summed as its tokens are drawn (their logits are already computed: no extra forward)."""
 MAX_BEAMS = 8
 MAX_SAMPLES = 32
 MAX_CANDIDATES = 64
@@ -71,6 +74,8 @@ class _Seq(msgspec.Struct):
     round_tokens: int = 0
     score: float = 0.0
     done: bool = False
+    logprob: float = 0.0
+    """Sum of the model's log-probabilities of `tokens` (the `self` scorer)."""
 
 
 @register_strategy(RankGen)
@@ -91,19 +96,23 @@ class RankGenStrategy(SelectionStrategy):
 
     @classmethod
     def check_loaded(cls, params: RankGen) -> None:
-        if get_scorer(params.scorer) is None:
+        if params.scorer != SELF and get_scorer(params.scorer) is None:
             raise NotFound("scorer", f"unknown scorer {params.scorer!r}; loaded: "
                                      f"{', '.join(scorer_names()) or 'none'}")
 
-    def _sample(self, logits: torch.Tensor, seeds: list[int], steps: list[int]) -> list[int]:
-        """One nucleus draw per row, with the `sampling` strategy's noise."""
+    def _sample(self, logits: torch.Tensor, seeds: list[int],
+                steps: list[int]) -> tuple[list[int], list[float]]:
+        """One nucleus draw per row, with the `sampling` strategy's noise; and each drawn
+        token's log-probability under the (untempered, unfiltered) distribution."""
         n = logits.shape[0]
         scaled = logits.float() / self.params.temperature
         if self.params.top_p < 1:
             scaled = apply_top_k_top_p(scaled, torch.full((n,), logits.shape[1]),
                                        torch.full((n,), self.params.top_p))
-        return exponential_race(scaled.softmax(dim=-1), torch.tensor(seeds),
-                                torch.tensor(steps)).tolist()
+        tokens = exponential_race(scaled.softmax(dim=-1), torch.tensor(seeds),
+                                  torch.tensor(steps))
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])
+        return tokens.tolist(), logprobs[:, 0].tolist()
 
     def step(self, view: StepView) -> StepDecision:
         rows = {b: i for i, b in enumerate(view.branch_ids)}
@@ -124,9 +133,9 @@ class RankGenStrategy(SelectionStrategy):
                 seeds.append((beam.seed + j * _SEED_STRIDE) % 2**63)
                 steps.append(len(beam.tokens))
                 parents.append(beam)
-        tokens = self._sample(torch.stack(logits), seeds, steps)
+        tokens, logprobs = self._sample(torch.stack(logits), seeds, steps)
         self._candidates = []
-        for j, (beam, token, seed) in enumerate(zip(parents, tokens, seeds)):
+        for j, (beam, token, seed, lp) in enumerate(zip(parents, tokens, seeds, logprobs)):
             first = j % self.params.num_samples == 0
             branch = beam.branch
             if first:
@@ -134,7 +143,8 @@ class RankGenStrategy(SelectionStrategy):
             else:
                 branch, self._next_branch = self._next_branch, self._next_branch + 1
                 forks.append(Fork(parent=beam.branch, child=branch, token=token))
-            self._candidates.append(_Seq(branch, beam.tokens + [token], seed, 1))
+            self._candidates.append(_Seq(branch, beam.tokens + [token], seed, 1,
+                                         logprob=beam.logprob + lp))
         decision = StepDecision(forks=forks, appends=appends)
         self._drop(decision, self._mark_done(view))
         return self._maybe_rank(decision, view)
@@ -142,11 +152,13 @@ class RankGenStrategy(SelectionStrategy):
     def _continue_round(self, view: StepView, rows: dict[int, int]) -> StepDecision:
         running = [c for c in self._candidates
                    if not c.done and c.round_tokens < self.params.tokens_per_round]
-        tokens = self._sample(torch.stack([view.logits[rows[c.branch]] for c in running]),
-                              [c.seed for c in running], [len(c.tokens) for c in running])
+        tokens, logprobs = self._sample(
+            torch.stack([view.logits[rows[c.branch]] for c in running]),
+            [c.seed for c in running], [len(c.tokens) for c in running])
         appends = []
-        for cand, token in zip(running, tokens):
+        for cand, token, lp in zip(running, tokens, logprobs):
             cand.tokens.append(token)
+            cand.logprob += lp
             cand.round_tokens += 1
             appends.append((cand.branch, token))
         decision = StepDecision(appends=appends)
@@ -185,7 +197,10 @@ class RankGenStrategy(SelectionStrategy):
                for c in self._candidates):
             return decision
         pool = self._candidates + [b for b in self._beams if b.done]
-        if len(pool) > 1:
+        if self.params.scorer == SELF:
+            for cand in pool:
+                cand.score = cand.logprob / max(len(cand.tokens), 1)
+        elif len(pool) > 1:
             texts = [view.decode(c.tokens) for c in pool]
             prompt = view.decode(view.prompt_token_ids)
             scores = get_scorer(self.params.scorer).score([prompt] * len(pool), texts).tolist()

@@ -50,4 +50,5 @@ def get_scorer(name: str) -> Scorer | None:
 
 
 def scorer_names() -> list[str]:
-    return sorted(_SCORERS)
+    """Loaded scorers, and `self` (the served model, built into the rankgen strategy)."""
+    return sorted([*_SCORERS, "self"])
