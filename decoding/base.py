@@ -357,6 +357,9 @@ class StepDecision(msgspec.Struct, kw_only=True):
     """The strategy is done (e.g. beam search): the engine frees every branch."""
     candidates: list[Candidate] | None = None
     """With `finished`: the n best sequences, best first; the first becomes the output."""
+    rounds: list[list[Candidate]] | None = None
+    """With `finished`: what the strategy kept along the way (RankGen: each round's survivors,
+    best first), reported to clients that ask for candidate scores."""
 
 
 class Transform(abc.ABC):

@@ -212,7 +212,8 @@ class RankGenStrategy(SelectionStrategy):
         if all(b.done for b in keep):  # finishing frees every branch
             self._beams, self._candidates = keep, []
             return StepDecision(finished=True, candidates=[
-                Candidate(token_ids=list(b.tokens), score=b.score) for b in keep])
+                Candidate(token_ids=list(b.tokens), score=b.score) for b in keep], rounds=[
+                [Candidate(token_ids=t, score=s) for t, s in kept] for kept in self.rounds])
         return self._prune(decision, keep)
 
     def _prune(self, decision: StepDecision, keep: list[_Seq]) -> StepDecision:

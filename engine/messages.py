@@ -47,6 +47,9 @@ class RequestOutput(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """On the final output of a strategy that returns several sequences (beam search)."""
     constraint: ConstraintReport | None = None
     """On the final output of a constrained request: masks and checks it cost."""
+    rounds: list[list[Candidate]] | None = None
+    """On the final output of a strategy that reports intermediate survivors (RankGen's
+    rounds, best first)."""
 
 
 class CompletionOutput(msgspec.Struct, kw_only=True):

@@ -237,24 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_args(p)
     _add_constraint_args(p, serve=True)
     _add_plugin_arg(p)
-    p = sub.add_parser("rerank", help="rank passages for a query with one prefill (listwise, "
-                                      "first-token label scores)")
-    _add_model_args(p)
-    p.add_argument("--query", required=True)
-    p.add_argument("--passages-file", required=True,
-                   help='JSONL, one {"text": ...} per passage (at most 20)')
-    p.add_argument("--order-invariant", action="store_true",
-                   help="passages as a parallel set: the ranking cannot depend on their order")
-    p.add_argument("--json", action="store_true",
-                   help='print {"ranking": [indices, best first], "scores": [input order]}')
-    p.add_argument("--server", default=None, metavar="ADDR",
-                   help="rank through a running server (host:port) instead of offline")
-    add_client_security_args(p)
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("which", choices=["throughput", "serve"])
     p.add_argument("args", nargs=argparse.REMAINDER)
     from retrieval.commands import add_parsers  # argparse only; the work imports lazily
     add_parsers(sub, _add_model_args)
+    from reranking.commands import add_parser as add_rerank_parser
+    add_rerank_parser(sub, _add_model_args, add_client_security_args)
     return parser
 
 
@@ -277,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "rerank":
-        return _rerank(args)
+        from reranking.commands import run as run_rerank
+        return run_rerank(args, make_engine_config)
     if args.command in ("datastore", "eval"):
         from retrieval.commands import run
         return run(args, make_engine_config)
@@ -335,33 +325,6 @@ def _serve(args) -> int:
         print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
         return 2
     return run(msgspec.structs.replace(engine_config, scheduler=scheduler), config)
-
-
-def _rerank(args) -> int:
-    from reranking.listwise import rerank
-    from engine.engine import Engine
-
-    try:
-        lines = Path(args.passages_file).read_text().splitlines()
-        passages = [json.loads(line)["text"] for line in lines if line.strip()]
-        if args.server:
-            from server.client import rerank_remote
-
-            result = rerank_remote(args, passages)
-        else:
-            engine = Engine(make_engine_config(args))
-            (result,) = rerank(engine, [(args.query, passages, args.order_invariant)])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
-        return 2
-    if result is None:
-        return 1
-    if args.json:
-        print(json.dumps(msgspec.to_builtins(result)), flush=True)
-    else:
-        for place, i in enumerate(result.ranking, 1):
-            print(f"{place}. [{result.scores[i]:.3f}] {passages[i]}", flush=True)
-    return 0
 
 
 def _read_prompts(args) -> list:

@@ -355,6 +355,11 @@ def candidate_events(out: RequestOutput, sub: Submission) -> list[pb.GenerateEve
         if sub.candidate_scores:
             events.append(pb.GenerateEvent(candidate=pb.Candidate(
                 candidate=i, score=cand.score, selected=i == 0)))
+    if sub.candidate_scores:
+        for number, kept in enumerate(out.rounds or (), 1):
+            events += [pb.GenerateEvent(candidate=pb.Candidate(
+                candidate=i, score=c.score, round=number, text=c.text if sub.text else ""))
+                for i, c in enumerate(kept)]
     return events
 
 

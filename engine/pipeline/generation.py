@@ -51,6 +51,8 @@ class Generation(TokenSequence):
         self.output_text = ""
         self.logprobs = None
         self.candidates: list[tuple[list[int], float]] | None = None
+        self.rounds: list[list[tuple[list[int], float]]] | None = None
+        """A strategy's intermediate survivors (RankGen rounds), when it reports them."""
         """Finished sequences a strategy returned: (token_ids, score), best first."""
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None

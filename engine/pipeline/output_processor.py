@@ -80,7 +80,8 @@ class OutputProcessor:
             queue_time=None if req.first_scheduled_time is None
             else req.first_scheduled_time - req.arrival_time,
             candidates=self._candidates(req) if finished else None,
-            constraint=_report(req) if finished else None)
+            constraint=_report(req) if finished else None,
+            rounds=self._rounds(req) if finished else None)
 
     def finish(self, req: Generation) -> RequestOutput:
         """The final delta of a request that ended outside a step (abort)."""
@@ -94,6 +95,12 @@ class OutputProcessor:
             finish_reason=req.status.value, logprobs=req.logprobs,
             num_cached_tokens=req.num_cached_tokens, candidates=self._candidates(req),
             constraint=_report(req))
+
+    def _rounds(self, req: Generation) -> list[list[Candidate]] | None:
+        if req.rounds is None:
+            return None
+        return [[Candidate(token_ids=list(t), text=self.tokenizer.decode(t), score=score)
+                 for t, score in kept] for kept in req.rounds]
 
     def _candidates(self, req: Generation) -> list[Candidate] | None:
         if req.candidates is None:

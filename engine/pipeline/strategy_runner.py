@@ -201,7 +201,8 @@ class StrategyRunner:
 
     def _apply(self, gen: Generation, decision: StepDecision) -> RequestOutput | None:
         if decision.finished:  # every branch is freed with the request
-            return self._finish_with_candidates(gen, decision.candidates or [])
+            return self._finish_with_candidates(gen, decision.candidates or [],
+                                                decision.rounds)
         # Emitted tokens first: when one of them ends the request, its forks would only
         # take blocks (and preempt other requests for them) to be freed at once.
         status, emitted = self._append_emitted(gen, decision.emit)
@@ -256,13 +257,16 @@ class StrategyRunner:
         gen.status = status
         del self.by_id[gen.req_id]
 
-    def _finish_with_candidates(self, gen: Generation, candidates) -> RequestOutput:
+    def _finish_with_candidates(self, gen: Generation, candidates,
+                                rounds=None) -> RequestOutput:
         best = candidates[0].token_ids if candidates else []
         status = RequestStatus.FINISHED_LENGTH
         for token in best:
             gen.append_token(token)
             status = self.port.check_stop(gen) or status
         gen.candidates = [(c.token_ids, c.score) for c in candidates]
+        if rounds is not None:
+            gen.rounds = [[(c.token_ids, c.score) for c in kept] for kept in rounds]
         self._end(gen, status)
         return self.port.emit(gen, best, None, None)
 

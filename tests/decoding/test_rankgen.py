@@ -110,3 +110,26 @@ def test_minilm_prefers_the_gold_continuation_on_kjv():
     rate = wins / total
     print(f"\ngold beats an in-chapter negative in {rate:.1%} of {total} pairs")
     assert rate > 0.5
+
+
+def test_stream_reports_every_rounds_survivors(model_dir):
+    from server.pb import pb
+    from tests.server.conftest import start_server, text_request
+
+    served = start_server(model_dir)
+    try:
+        request = text_request(PROMPTS[0], 8)
+        request.decoding.rankgen.CopyFrom(pb.RankGenRerank(beam_size=2, num_samples=2,
+                                                           tokens_per_round=4, seed=3))
+        request.response.candidate_scores = True
+        events = [e.candidate for e in served.stub.GenerateStream(request)
+                  if e.WhichOneof("event") == "candidate"]
+    finally:
+        served.close()
+    rounds = sorted({e.round for e in events})
+    assert rounds == [0, 1, 2]
+    for number in (1, 2):
+        scores = [e.score for e in events if e.round == number]
+        assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+    final = [e for e in events if e.round == 0]
+    assert [e.score for e in final] == [e.score for e in events if e.round == 2]

@@ -384,14 +384,18 @@ class Delta(_message.Message):
     def __init__(self, candidate: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("candidate", "score", "selected")
+    __slots__ = ("candidate", "score", "selected", "round", "text")
     CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     candidate: int
     score: float
     selected: bool
-    def __init__(self, candidate: _Optional[int] = ..., score: _Optional[float] = ..., selected: _Optional[bool] = ...) -> None: ...
+    round: int
+    text: str
+    def __init__(self, candidate: _Optional[int] = ..., score: _Optional[float] = ..., selected: _Optional[bool] = ..., round: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ConstraintStats(_message.Message):
     __slots__ = ("masks", "masked_tokens", "checks", "rejected_tokens")
