@@ -29,6 +29,9 @@ def make_table(seed: int = 0) -> torch.Tensor:
 class FakePort:
     """Records every effect; sequences are "computed" by `forward`."""
 
+    def decode(self, token_ids) -> str:
+        return " ".join(map(str, token_ids))
+
     def __init__(self) -> None:
         self.live: dict[str, Request] = {}
         self.events: list[tuple] = []

@@ -21,7 +21,7 @@ def test_reflection_describes_the_generation_service(served):
     assert {"polydecode.v1.Generation", "grpc.health.v1.Health"} <= services
     service = DescriptorPool(database).FindServiceByName("polydecode.v1.Generation")
     assert {m.name for m in service.methods} == {
-        "GenerateStream", "Generate", "Abort", "Tokenize", "GetModelInfo", "GetLoad"}
+        "GenerateStream", "Generate", "Abort", "Tokenize", "GetModelInfo", "GetLoad", "Rerank"}
     request = service.methods_by_name["Generate"].input_type
     assert request.oneofs_by_name.get("strategy") is None  # the oneof lives in DecodingStrategy
     assert "decoding" in request.fields_by_name and "constraint" in request.fields_by_name
