@@ -25,6 +25,7 @@ from constraints.backends import mask_words
 from constraints.compiler import Compiled, ConstraintStats
 from constraints.predicates import Predicate
 from constraints.vocabulary import TokenVocabulary
+from decoding.constraint import unpack_bitmask
 
 
 def _text(data: bytes) -> str:
@@ -89,7 +90,7 @@ class ConditionState:
         size = len(self.cond.vocab.tokens)
         row = np.zeros(mask_words(size), dtype=np.int32)
         self.matcher.fill_mask(row)
-        allowed = np.unpackbits(row.view(np.uint8), bitorder="little")[:size].astype(bool)
+        allowed = unpack_bitmask(row[None], size)[0].numpy()
         self.cond.stats.masks += 1
         self.cond.stats.masked_tokens += size - int(allowed.sum())
         return allowed

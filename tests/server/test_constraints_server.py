@@ -21,7 +21,7 @@ from tests.server.conftest import Harness, text_request
 
 
 def _hard_schema(max_length: int) -> str:
-    """Six free strings: outlines-core builds its index for seconds (3.4 s at 40 here)."""
+    """Six free strings: outlines-core builds its index for seconds."""
     props = {f"f{i}": {"type": "string", "maxLength": max_length} for i in range(6)}
     return json.dumps({"type": "object", "properties": props, "required": list(props),
                        "additionalProperties": False})
