@@ -117,3 +117,14 @@ def _digits_dash_word():
 def digits_dash_word(text: str, complete: bool = False) -> bool:
     """Three digits, a dash, two to eight lowercase letters (benchmarks and tests)."""
     return _digits_dash_word()(text, complete)
+
+
+def no_repeated_4gram(text: str, complete: bool = False) -> bool:
+    """No run of four whitespace-separated words occurs twice in `text` (rep-4 = 0, SimCTG's
+    measure, as a hard constraint). A prefix's last word, not yet followed by whitespace, may
+    still grow into another word, so the prefix check leaves it out."""
+    words = text.split()
+    if not complete and text and not text[-1].isspace():
+        words = words[:-1]
+    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    return len(grams) == len(set(grams))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -241,11 +241,12 @@ class Engine:
     # ---- offline API -------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[CompletionOutput]:
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 progress: Callable[[int], object] | None = None) -> list[CompletionOutput]:
         """Generates for all prompts in one continuously batched run; results in input order.
 
         Requests are fed in as the waiting queue has room, so any number of prompts works.
+        `progress` is called after every step with the number of requests it finished.
         """
         params_list = list(params) if isinstance(params, (list, tuple)) else \
             [params or SamplingParams()] * len(prompts)
@@ -255,7 +256,9 @@ class Engine:
             while pending or self.has_unfinished_requests():
                 while pending and self.scheduler.admission_error(pending[-1].num_tokens) is None:
                     self.add_request(pending.pop())
-                self.step()
+                finished = sum(out.finished for out in self.step())
+                if progress is not None:
+                    progress(finished)
         except BaseException:
             for req in reqs:
                 self.abort(req.req_id)

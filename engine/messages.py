@@ -64,6 +64,9 @@ class CompletionOutput(msgspec.Struct, kw_only=True):
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache."""
+    num_forward_tokens: int = 0
+    """Tokens run forward for this request in all (prefill chunks, recomputes, decodes of
+    every branch: contrastive candidates, beams, samples)."""
     candidates: list[Candidate] | None = None
     """The n best sequences of strategies that return several (beam search), best first;
     `token_ids` / `text` are the first of them."""

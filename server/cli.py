@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_constraint_args(p, serve=True)
     _add_plugin_arg(p)
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("which", choices=["throughput", "serve"])
+    p.add_argument("which", choices=["throughput", "serve", "quality"])
     p.add_argument("args", nargs=argparse.REMAINDER)
     from retrieval.commands import add_parsers  # argparse only; the work imports lazily
     add_parsers(sub, _add_model_args)

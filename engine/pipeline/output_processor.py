@@ -93,7 +93,8 @@ class OutputProcessor:
             index=index, req_id=req.req_id, prompt_token_ids=req.prompt_token_ids,
             token_ids=req.output_token_ids, text=req.output_text,
             finish_reason=req.status.value, logprobs=req.logprobs,
-            num_cached_tokens=req.num_cached_tokens, candidates=self._candidates(req),
+            num_cached_tokens=req.num_cached_tokens,
+            num_forward_tokens=req.num_forward_tokens, candidates=self._candidates(req),
             constraint=_report(req))
 
     def _rounds(self, req: Generation) -> list[list[Candidate]] | None:

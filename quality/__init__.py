@@ -1,0 +1,1 @@
+"""`polydecode bench quality`: generation quality against cost for every decoding strategy."""

@@ -1,0 +1,80 @@
+"""What `bench quality` writes: quality.json, quality.md (the table) and quality.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = [("strategy", "strategy"), ("rep_2", "rep-2"), ("rep_3", "rep-3"),
+           ("rep_4", "rep-4"), ("diversity", "diversity"), ("mauve", "MAUVE"),
+           ("coherence", "coherence"), ("ppl", "ppl"), ("ms_per_token", "ms / token"),
+           ("forward_per_token", "forward / token")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per strategy (the human continuation last); MAUVE as value +- its spread over
+    k-means seeds."""
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = []
+        for key, _ in COLUMNS:
+            value = row.get(key)
+            if key == "mauve" and value is not None:
+                cells.append(f"{value:.3f} ± {row['mauve_std']:.3f}")
+            elif value is None:
+                cells.append("")
+            elif isinstance(value, float):
+                cells.append(f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Quality against cost: MAUVE and diversity against ms per token, one point per
+    strategy; the human continuation's diversity as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in rows if "ms_per_token" in r]
+    human = next((r for r in rows if r["strategy"] == "human"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), constrained_layout=True)
+    for ax, key, label in ((axes[0], "mauve", "MAUVE vs human text (higher is better)"),
+                           (axes[1], "diversity", "diversity = prod (1 - rep-n)")):
+        for r in runs:
+            ax.scatter(r["ms_per_token"], r[key], s=36)
+            ax.annotate(r["strategy"], (r["ms_per_token"], r[key]), fontsize=8,
+                        xytext=(4, 3), textcoords="offset points")
+        if key == "mauve":
+            ax.errorbar([r["ms_per_token"] for r in runs], [r[key] for r in runs],
+                        yerr=[r["mauve_std"] for r in runs], fmt="none", ecolor="0.6")
+        if key == "diversity" and human is not None:
+            ax.axhline(human["diversity"], color="0.5", ls="--", lw=1)
+            ax.annotate("human", (ax.get_xlim()[0], human["diversity"]), fontsize=8,
+                        xytext=(3, 3), textcoords="offset points", color="0.4")
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per emitted token (batched, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(out_dir: Path, result: dict) -> dict[str, Path]:
+    """Writes the three files; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "quality.json", "table": out_dir / "quality.md",
+             "plot": out_dir / "quality.png"}
+    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    paths["table"].write_text(markdown_table(result["rows"]))
+    cfg = result["config"]
+    plot(result["rows"], paths["plot"],
+         f"{cfg['model']}: {cfg['prompts']} prefixes of {cfg['corpus']} "
+         f"({cfg['prefix_tokens']} tokens) + {cfg['max_new_tokens']} new tokens; "
+         f"MAUVE on {cfg['features']} features")
+    return paths
