@@ -5,29 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-COLUMNS = [("strategy", "strategy"), ("rep_2", "rep-2"), ("rep_3", "rep-3"),
-           ("rep_4", "rep-4"), ("diversity", "diversity"), ("mauve", "MAUVE"),
-           ("coherence", "coherence"), ("ppl", "ppl"), ("ms_per_token", "ms / token"),
-           ("forward_per_token", "forward / token")]
+COLUMNS = [("strategy", "strategy", "{}"), ("rep_2", "rep-2", "{:.2f}"),
+           ("rep_3", "rep-3", "{:.2f}"), ("rep_4", "rep-4", "{:.2f}"),
+           ("diversity", "diversity", "{:.3f}"), ("mauve", "MAUVE", "{:.3f}"),
+           ("coherence", "coherence", "{:.3f}"), ("ppl", "ppl", "{:.2f}"),
+           ("ms_per_token", "ms / token", "{:.1f}"), ("ms_vs_greedy", "x greedy", "{:.2f}x"),
+           ("forward_per_token", "forward / token", "{:.2f}")]
 
 
 def markdown_table(rows: list[dict]) -> str:
     """One line per strategy (the human continuation last); MAUVE as value +- its spread over
     k-means seeds."""
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        cells = []
-        for key, _ in COLUMNS:
-            value = row.get(key)
-            if key == "mauve" and value is not None:
-                cells.append(f"{value:.3f} ± {row['mauve_std']:.3f}")
-            elif value is None:
-                cells.append("")
-            elif isinstance(value, float):
-                cells.append(f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}")
-            else:
-                cells.append(str(value))
+        cells = ["" if row.get(key) is None else fmt.format(row[key])
+                 for key, _, fmt in COLUMNS]
+        if row.get("mauve") is not None:
+            cells[[key for key, _, _ in COLUMNS].index("mauve")] += f" ± {row['mauve_std']:.3f}"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -105,6 +105,9 @@ def measure(engine: Engine, samples: Sequence[Sample], runs: Sequence[Generated]
                      "mauve": round(metrics.mauve(feat, feats[0], MAUVE_SEEDS[0]), 4),
                      "mauve_mean": round(mean, 4), "mauve_std": round(std, 4),
                      **_cost(run)})
+    greedy = next((r for r in rows if r["strategy"] == "greedy"), None)
+    for row in rows if greedy is not None else ():
+        row["ms_vs_greedy"] = round(row["ms_per_token"] / greedy["ms_per_token"], 2)
     return [*rows, {"strategy": "human", "settings": "the corpus's own continuation", **human}]
 
 
