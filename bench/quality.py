@@ -29,6 +29,7 @@ per token) to `--out` (default bench/results/quality), prints one JSON line on s
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of every sampling strategy")
     p.add_argument("--out", default="bench/results/quality", type=Path)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--from-json", default=None, type=Path, metavar="FILE",
+                   help="only redraw the table and figure of an earlier run's quality.json "
+                        "into --out")
     _add_model_args(p)
     args = p.parse_args(argv)
     args.command = "bench"
@@ -77,6 +81,13 @@ def strategy_params(args, datastore_name: str | None) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:
+        from quality import report
+
+        paths = report.write(args.out, json.loads(args.from_json.read_text()))
+        print(report.markdown_table(json.loads(paths["json"].read_text())["rows"]),
+              file=sys.stderr)
+        return 0
     from engine.engine import Engine
     from quality import report
     from quality.run import generate_all, measure
