@@ -97,3 +97,7 @@ def test_bench_quality_writes_results_and_reproduces_simctg_direction(tmp_path):
     # the likelihood-maximising searches sit far below human perplexity
     assert rows["greedy"]["ppl"] < rows["human"]["ppl"] and "mauve" not in rows["human"]
     assert len(result["samples"]) == 6 and result["samples"][0]["greedy"]
+    redrawn = tmp_path / "redrawn"
+    assert bench.quality.main(["--from-json", str(out / "quality.json"),
+                               "--out", str(redrawn)]) == 0
+    assert (redrawn / "quality.md").read_text() == table
