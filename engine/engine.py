@@ -242,21 +242,29 @@ class Engine:
 
     def generate(self, prompts: Sequence[str | Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 progress: Callable[[int], object] | None = None) -> list[CompletionOutput]:
+                 progress: Callable[[int], object] | None = None,
+                 max_in_flight: int | None = None) -> list[CompletionOutput]:
         """Generates for all prompts in one continuously batched run; results in input order.
 
-        Requests are fed in as the waiting queue has room, so any number of prompts works.
+        Requests are fed in as the waiting queue has room, so any number of prompts works;
+        `max_in_flight` caps how many run at once (a strategy that forks k branches per
+        request fills the batch with max_num_seqs / k requests: more only preempt each other).
         `progress` is called after every step with the number of requests it finished.
         """
         params_list = list(params) if isinstance(params, (list, tuple)) else \
             [params or SamplingParams()] * len(prompts)
         reqs = [self.make_request(p, sp) for p, sp in zip(prompts, params_list)]
         pending = list(reversed(reqs))
+        limit = max_in_flight or len(reqs)
+        in_flight = 0
         try:
             while pending or self.has_unfinished_requests():
-                while pending and self.scheduler.admission_error(pending[-1].num_tokens) is None:
+                while pending and in_flight < limit and \
+                        self.scheduler.admission_error(pending[-1].num_tokens) is None:
                     self.add_request(pending.pop())
+                    in_flight += 1
                 finished = sum(out.finished for out in self.step())
+                in_flight -= finished
                 if progress is not None:
                     progress(finished)
         except BaseException:

@@ -1,7 +1,9 @@
 """Runs every strategy on the held-out prefixes through one engine, then measures them.
 
 Generation: each strategy's requests (one per prefix) go through `Engine.generate` together,
-continuously batched, one strategy after another in one job under one progress bar. The prefix
+continuously batched, one strategy after another in one job under one progress bar; at most
+max_num_seqs / (branches per request) requests run at once (`branches`), so a forking strategy
+fills the batch without its requests preempting each other. The prefix
 cache is emptied before each, so no strategy reuses another's prefill; its wall time over its
 emitted tokens is its cost in ms per token at that batch, and the tokens its requests ran
 forward past their prompts (candidates, beams, samples, branches: `num_forward_tokens` less the
@@ -62,8 +64,10 @@ def generate_all(engine: Engine, samples: Sequence[Sample],
             bar.set_postfix_str(name)
             if not engine.kv_cache.reset_prefix_cache():
                 raise RuntimeError("KV blocks still owned between strategies")
+            limit = max(1, engine.config.scheduler.max_num_seqs // branches(params))
             start = time.perf_counter()
-            outs = engine.generate([s.prefix_ids for s in samples], params, progress=bar.update)
+            outs = engine.generate([s.prefix_ids for s in samples], params, progress=bar.update,
+                                   max_in_flight=limit)
             elapsed = time.perf_counter() - start
             prefill = sum(len(o.prompt_token_ids) - o.num_cached_tokens for o in outs)
             runs.append(Generated(
@@ -74,6 +78,25 @@ def generate_all(engine: Engine, samples: Sequence[Sample],
     finally:
         bar.close()
     return runs
+
+
+def branches(params: SamplingParams) -> int:
+    """Sequences a request of these params runs at once: contrastive search's k candidates,
+    beam search's beams, RankGen's beams x samples, AWRS's particles; else 1."""
+    from decoding.awrs import Awrs
+    from decoding.params import BeamSearch, Contrastive
+    from decoding.rankgen import RankGen
+
+    strategy = params.strategy
+    if isinstance(strategy, Contrastive):
+        return strategy.top_k
+    if isinstance(strategy, BeamSearch):
+        return strategy.num_beams
+    if isinstance(strategy, RankGen):
+        return strategy.beam_size * strategy.num_samples
+    if isinstance(strategy, Awrs):
+        return strategy.num_particles
+    return 1
 
 
 def measure(engine: Engine, samples: Sequence[Sample], runs: Sequence[Generated],
