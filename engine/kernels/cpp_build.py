@@ -7,6 +7,8 @@ libgomp.so.1 by soname, so it shares the OpenMP runtime torch already loaded).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -26,20 +28,48 @@ def cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: str):
+    """Serialises builds of one extension across processes with a kernel-held lock.
+
+    torch's own build lock is a plain file that a killed builder leaves behind, and every later
+    build then waits on it forever. An flock dies with its holder, so whoever holds it knows that
+    any torch lock file it finds is stale, and removes it.
+    """
+    os.makedirs(build_dir, exist_ok=True)
+    with open(build_dir + ".flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(build_dir, "lock")
+            if os.path.exists(stale):
+                warnings.warn(f"removing a stale build lock left by a killed build: {stale}")
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build(name: str, source: str, functions: list[str]):
     """Compiles (first call on a machine) and loads an extension; None if it cannot build."""
-    from torch.utils.cpp_extension import load_inline
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root, load_inline
 
     # The ninja build tool comes with the Python environment (a pip dependency); make it
     # findable when that environment's bin/ is not on PATH (e.g. `.venv/bin/python -m ...`).
     env_bin = os.path.dirname(sys.executable)
     if env_bin not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = env_bin + os.pathsep + os.environ.get("PATH", "")
+    full_name = f"polydecode_{name}_{cpu_tag()}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    # One directory per Python and torch version: a binary built against another ABI won't load.
+    abi = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    build_dir = os.path.join(root, abi, full_name)
     try:
-        return load_inline(name=f"polydecode_{name}_{cpu_tag()}", cpp_sources=[source],
-                           functions=functions,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+        with _build_lock(build_dir):
+            return load_inline(name=full_name, cpp_sources=[source], functions=functions,
+                               extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                               extra_ldflags=["-fopenmp"], build_directory=build_dir,
+                               verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler / headers: the torch path still works
         warnings.warn(f"{name} kernel unavailable, using the torch path: {exc}")
         return None
