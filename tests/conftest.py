@@ -13,6 +13,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # The Triton kernels run on CPU tensors in the interpreter; it must be chosen before any
+    # @triton.jit decorator runs, i.e. before a kernel module is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.loader import resolve_model_dir  # noqa: E402
 

@@ -58,4 +58,4 @@ def test_bad_shapes_are_rejected():
     with pytest.raises(RuntimeError, match="out of range"):
         kernel.linear_decode(q, q, q, torch.ones(2), pool, torch.tensor([0, 4]))
     with pytest.raises(RuntimeError, match="out of range"):
-        kernel.linear_decode(q, q, q, torch.ones(2), pool, torch.tensor([-1, 1]))
+        kernel.linear_decode(q, q, q, torch.ones(2), pool, torch.tensor([-2, 1]))

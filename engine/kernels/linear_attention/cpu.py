@@ -15,6 +15,7 @@ from engine.kernels.cpp_build import build
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <vector>
 
 template <typename T>
@@ -42,7 +43,7 @@ torch::Tensor linear_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   auto out = torch::empty({num_seqs, num_heads, d_v}, q.options().dtype(torch::kFloat32));
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t b = 0; b < num_seqs; ++b)
-    TORCH_CHECK(0 <= sp[b] && sp[b] < pool.size(0), "slot ", sp[b], " out of range");
+    TORCH_CHECK(-1 <= sp[b] && sp[b] < pool.size(0), "slot ", sp[b], " out of range");
   const float* lp = lambdas.data_ptr<float>();
   float* pp = pool.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -53,6 +54,10 @@ torch::Tensor linear_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v,
     at::parallel_for(0, num_seqs * num_heads, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / num_heads, h = i % num_heads;
+        if (sp[b] < 0) {  // a padding row: no state, zero output
+          std::fill(op + i * d_v, op + (i + 1) * d_v, 0.f);
+          continue;
+        }
         step_one<scalar_t>(qp + i * d_k, kp + i * d_k, vp + i * d_v, lp[h],
                            pp + (sp[b] * num_heads + h) * d_k * d_v, d_k, d_v,
                            op + i * d_v);
@@ -68,3 +73,17 @@ torch::Tensor linear_decode(torch::Tensor q, torch::Tensor k, torch::Tensor v,
 def load_extension():
     """Compiles (first call on a machine) and loads the extension; None if it cannot build."""
     return build("linear_attention_cpu", _SOURCE, ["linear_decode"])
+
+
+def linear_decode_torch(q, k, v, s, pool, slots):
+    """Vectorised torch decode step (the CPU path when the extension cannot build)."""
+    import torch
+
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float32, device=q.device)
+    rows = (slots >= 0).nonzero().flatten()
+    ids = slots[rows]
+    decay = torch.exp(-s.float())[None, :, None, None]
+    states = decay * pool[ids] + k[rows].float()[..., :, None] * v[rows].float()[..., None, :]
+    out[rows] = (q[rows].float()[..., None, :] @ states).squeeze(-2)
+    pool[ids] = states
+    return out

@@ -90,3 +90,40 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
 def load_extension():
     """Compiles (first call on a machine) and loads the extension; None if it cannot build."""
     return build("paged_attention_cpu", _SOURCE, ["paged_decode_attention"])
+
+
+def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, q_starts, scale,
+                        max_q_len, set_start=None, member_start=None):
+    """The varlen op on CPU: the C++ decode kernel when every sequence has one unmasked query
+    token, else per-sequence torch SDPA on the gathered context with the same mask rule."""
+    import torch
+    import torch.nn.functional as F
+
+    ext = load_extension()
+    if max_q_len == 1 and set_start is None and ext is not None:
+        return ext.paged_decode_attention(q.contiguous(), k_cache, v_cache,
+                                          block_tables.long().contiguous(),
+                                          seq_lens.long().contiguous(), scale)
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+    out = torch.zeros_like(q)
+    starts, lens = q_starts.tolist(), seq_lens.tolist()
+    for b, length in enumerate(lens):
+        first, last = starts[b], starts[b + 1]
+        if first == last:
+            continue
+        keys = torch.arange(length)
+        slots = block_tables[b, keys // block_size].long() * block_size + keys % block_size
+        positions = torch.arange(length - (last - first), length)
+        visible = keys[None, :] <= positions[:, None]
+        if set_start is not None:
+            visible &= (keys[None, :] < set_start[first:last, None]) | \
+                (keys[None, :] >= member_start[first:last, None])
+        q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (
+            q[first:last], flat_k[slots], flat_v[slots]))
+        rows = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=visible[None, None],
+                                              scale=scale, enable_gqa=True)
+        rows = rows.squeeze(0).transpose(0, 1)
+        out[first:last] = torch.where(visible.any(1)[:, None, None], rows, 0)
+    return out
