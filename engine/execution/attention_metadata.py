@@ -26,6 +26,27 @@ class PrefillChunk(msgspec.Struct, kw_only=True):
     """The sequence's state slot (state-slot models only)."""
 
 
+class VarlenMetadata(msgspec.Struct, kw_only=True):
+    """The whole step as one varlen batch for the Triton paged-attention kernel: every
+    scheduled sequence (decode rows and prefill chunks alike) owns rows [q_starts[b],
+    q_starts[b + 1]) and attends to its first seq_lens[b] cached tokens."""
+
+    q_starts: torch.Tensor
+    """[num_seqs + 1] int32 prefix sums of the query lengths."""
+    seq_lens: torch.Tensor
+    """[num_seqs] int32 tokens of each sequence, this step's included."""
+    block_tables: torch.Tensor
+    """[num_seqs, max_blocks] int32."""
+    max_q_len: int
+    set_start: torch.Tensor | None = None
+    """[num_tokens] int32 first position of the token's parallel set (0 outside sets); None
+    when no scheduled token is a set member."""
+    member_start: torch.Tensor | None = None
+    """[num_tokens] int32 first position of the token's own set member (0 outside sets)."""
+    num_splits: int = 1
+    """Key ranges per (sequence, kv head): > 1 only for long-context decode of few sequences."""
+
+
 class AttentionMetadata(msgspec.Struct, kw_only=True):
     slot_mapping: torch.Tensor
     """[num_tokens] int64: cache slot (block_id * block_size + offset) of every new token."""
@@ -42,5 +63,8 @@ class AttentionMetadata(msgspec.Struct, kw_only=True):
     decode_mask: torch.Tensor | None = None
     """[num_decode_tokens, 1, 1, max_context_len] bool, True on real context positions."""
     prefills: list[PrefillChunk]
+    varlen: VarlenMetadata | None = None
+    """Set on the Triton backend: the step as one varlen kernel launch per layer (then
+    `prefills` is empty and the decode fields are unused)."""
     state_slots: torch.Tensor | None = None
     """[num_decode_tokens] int64 state slots of the decode rows (state-slot models only)."""

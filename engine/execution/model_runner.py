@@ -17,7 +17,8 @@ import torch
 
 from engine.execution.attention_metadata import AttentionMetadata, PrefillChunk
 from engine.config import CacheConfig, ModelConfig
-from engine.kernels import paged_attention
+from engine.execution.varlen import prepare_varlen
+from engine.kernels import backend, paged_attention
 from engine.execution.loaded_model import LoadedModel, load_model
 from engine.core.scheduler_output import ScheduledRequest, SchedulerOutput
 
@@ -63,6 +64,10 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache()
         self._cache_tensors = [t for kv in self.kv_caches for t in kv]
         self._prepare = self._prepare_paged
+        # The Triton varlen kernel (the GPU path) takes the whole step in one launch per layer.
+        self.use_varlen = attention_backend != "torch" and backend(self.device) == "triton"
+        if self.use_varlen:
+            self._prepare = self._prepare_varlen
         self.use_paged_kernel = (attention_backend != "torch" and self.device.type == "cpu"
                                  and paged_attention.is_available())
 
@@ -221,6 +226,13 @@ class ModelRunner:
                 decode_tables, decode_lens)
         elif decode_lens:
             meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
+        return batch.inputs(meta)
+
+    def _prepare_varlen(self, items: list[ScheduledRequest]):
+        """Inputs of a paged-KV model on the Triton backend: the step as one varlen batch."""
+        batch = _TokenBatch()
+        meta = prepare_varlen(items, self.block_size, self.config.num_key_value_heads,
+                              batch.add)
         return batch.inputs(meta)
 
     def _prepare_state(self, items: list[ScheduledRequest]):

@@ -1,4 +1,5 @@
-"""Paged attention over a flat, continuously batched token stream (pure-torch CPU path).
+"""Paged attention over a flat, continuously batched token stream (CPU: C++ decode + torch
+SDPA prefill; Triton backend: one varlen kernel launch for the whole step).
 
 The KV cache of a layer is a pair of tensors `[num_blocks + 1, block_size, num_kv_heads,
 head_dim]`; the extra last block is the null block, never handed out by the block pool and
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.execution.attention_metadata import AttentionMetadata
-from engine.kernels.paged_attention import paged_decode_attention
+from engine.kernels.paged_attention import paged_attention, paged_decode_attention
 
 
 class PagedAttention(nn.Module):
@@ -38,6 +39,12 @@ class PagedAttention(nn.Module):
         flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_k.index_copy_(0, meta.slot_mapping, k)
         flat_v.index_copy_(0, meta.slot_mapping, v)
+        if meta.varlen is not None:  # the Triton backend: the whole step in one launch
+            vl = meta.varlen
+            return paged_attention(q.contiguous(), k_cache, v_cache, vl.block_tables,
+                                   vl.seq_lens, vl.q_starts, self.scale, vl.max_q_len,
+                                   vl.set_start, vl.member_start, vl.num_splits,
+                                   check_bounds=False).view(q.shape[0], -1)
         if not meta.prefills:  # an all-decode step: no output buffer to assemble
             return self._decode(q, k_cache, v_cache, meta).view(q.shape[0], -1)
         out = torch.empty_like(q)

@@ -6,9 +6,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import backend
+from engine.kernels.fused_add_norm import fused_add_norm
 
-class RMSNorm(nn.Module):
+
+class _AddNorm:
+    """`add_forward(x, residual, scale)` = (norm(residual + x) * scale, residual + x): the
+    residual add and the next norm, one fused kernel on the Triton backend."""
+
+    kind = ""
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor, scale: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if backend(x.device) == "triton":
+            return fused_add_norm(x, residual, self.weight, getattr(self, "bias", None),
+                                  getattr(self, "eps", 0.0), self.kind,
+                                  1.0 if scale is None else scale)
+        h = residual + x
+        out = self(h)
+        return (out if scale is None else out * scale), h
+
+
+class RMSNorm(_AddNorm, nn.Module):
     """RMSNorm computed in float32 and cast back, matching the reference Llama numerics."""
+
+    kind = "rms"
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -22,12 +44,14 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_AddNorm, nn.Module):
     """LayerNorm `(x - mean) / sqrt(var + eps) * weight + bias` computed in float32.
 
     The output is cast to the parameters' dtype (the model's compute dtype), so a float32
     residual stream can feed low-precision linears directly.
     """
+
+    kind = "layer"
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -42,13 +66,15 @@ class LayerNorm(nn.Module):
         return out.to(self.weight.dtype)
 
 
-class CenteredNorm(nn.Module):
+class CenteredNorm(_AddNorm, nn.Module):
     """A LayerNorm whose per-token std is replaced by a fixed per-module scale:
     `(x - mean(x)) * weight + bias`, where `weight` already holds gamma / sigma_bar.
 
     This is the LayerNorm-free GPT-2 norm (models.md section 1.3): mean subtraction is kept,
     the variance normalisation is gone. Computed in float32 and cast to the parameters' dtype.
     """
+
+    kind = "centered"
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()

@@ -176,8 +176,7 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(cfg)
 
     def forward(self, x, kv_cache, meta, captures=None, index=-1):
-        x = x + self.attn(self.ln_1(x), kv_cache, meta)
-        ffn_input = self.ln_2(x)
+        ffn_input, x = self.ln_2.add_forward(self.attn(self.ln_1(x), kv_cache, meta), x)
         if captures is not None:
             captures[f"ffn_input:{index}"] = ffn_input
         return x + self.mlp(ffn_input)

@@ -188,8 +188,8 @@ class LlamaDecoderLayer(nn.Module):
             h = self.post_attention_layernorm(x + self.self_attn(rope, x, kv_cache, meta))
             _capture(captures, index, h)
             return self.post_feedforward_layernorm(h + self.mlp(h))
-        x = x + self.self_attn(rope, self._pre_norm(self.input_layernorm, x), kv_cache, meta)
-        ffn_input = self._pre_norm(self.post_attention_layernorm, x)
+        attn = self.self_attn(rope, self._pre_norm(self.input_layernorm, x), kv_cache, meta)
+        ffn_input, x = self.post_attention_layernorm.add_forward(attn, x, self.lns_scale)
         _capture(captures, index, ffn_input)
         return x + self.mlp(ffn_input)
 

@@ -1,0 +1,76 @@
+"""The engine on the Triton backend (the GPU path, run here by the interpreter on CPU tensors):
+one varlen paged-attention launch per layer for the whole step, fused residual add + norm, and
+lightning attention for TransNormerLLM. Greedy tokens equal HF transformers (Llama with GQA,
+GPT-2) and the TransNormerLLM parallel-form oracle; set-structured prompts equal the HF
+explicit-mask oracle; chunked prefill, prefix caching and mixed decode/prefill steps included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.sampling_params import SamplingParams
+from tests.decoding.test_set_prompting import MEMBERS, QUESTION, SUFFIX, oracle_greedy, structured
+from tests.factories import make_engine
+from tests.models import test_gpt2_oracle as gpt2_tests
+from tests.models import test_norm_schemes as llama_tests
+from tests.models import test_transnormer as tnl_tests
+
+GREEDY = gpt2_tests.GREEDY  # 16 new tokens, as the oracle helper generates
+hf_greedy = gpt2_tests.hf_greedy
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    pytest.importorskip("triton")  # pinned in the test extra: never missing under `make test`
+    monkeypatch.setenv("POLYDECODE_KERNEL_BACKEND", "triton")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, model_dir):
+    hf = llama_tests.make_hf_llama(seed=5)
+    path = llama_tests.save_model_dir(hf, tmp_path_factory.mktemp("llama"), model_dir)
+    return hf, path
+
+
+def test_triton_llama_greedy_equals_hf(llama, hf_tokenizer):
+    hf, path = llama
+    prompts = llama_tests.PROMPTS[:4]
+    expected = hf_greedy(hf, hf_tokenizer, prompts)
+    engine = make_engine(path, num_blocks=64, block_size=8, max_num_batched_tokens=24)
+    assert engine.runner.use_varlen
+    # 24-token steps: the longer prompts are chunked while the others decode beside them.
+    outs = engine.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    # Again: the prompts now hit the prefix cache (a chunk starts after cached blocks).
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == expected
+
+
+def test_triton_set_prompt_equals_the_hf_mask_oracle(llama, hf_tokenizer):
+    hf, path = llama
+    prompt = structured(QUESTION, MEMBERS[:3], SUFFIX)
+    expected, _ = oracle_greedy(hf, hf_tokenizer, prompt.segments, max_new_tokens=6)
+    engine = make_engine(path, num_blocks=64, block_size=8)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    assert engine.generate([prompt], params)[0].token_ids == expected
+
+
+def test_triton_gpt2_greedy_equals_hf(tmp_path, model_dir, hf_tokenizer):
+    hf = gpt2_tests.make_hf_gpt2(seed=3)
+    path = gpt2_tests.save_model_dir(hf, tmp_path, model_dir)
+    prompts = gpt2_tests.PROMPTS[:3]
+    engine = make_engine(path, num_blocks=32, block_size=16)
+    assert [o.token_ids for o in engine.generate(prompts, GREEDY)] == \
+        hf_greedy(hf, hf_tokenizer, prompts)
+
+
+def test_triton_transnormer_greedy_equals_the_oracle(tmp_path, model_dir):
+    from engine.tokenizer import Tokenizer
+
+    sd = tnl_tests.write_checkpoint(tmp_path, model_dir, heads=2, seed=4)
+    oracle = tnl_tests.ParallelOracle(sd, heads=2, layers=3)
+    tok = Tokenizer(tmp_path)
+    ids = [tok.encode(p) for p in tnl_tests.PROMPTS[:3]]
+    engine = make_engine(tmp_path, num_blocks=8, max_num_batched_tokens=16)
+    outs = engine.generate(ids, SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert [o.token_ids for o in outs] == [oracle.greedy(i, max_new=6) for i in ids]
