@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     runs = generate_all(engine, samples, strategies, show_progress=not args.quiet)
     rows = measure(engine, samples, runs, args.features, show_progress=not args.quiet)
-    config = {"model": engine.loaded.model_dir.name, "dtype": args.dtype,
+    dtype = str(engine.loaded.dtype).removeprefix("torch.")
+    config = {"model": engine.loaded.model_dir.name, "dtype": dtype,
               "prompts": len(samples), "corpus": " ".join(args.corpus),
               "prefix_tokens": args.prefix_tokens, "max_new_tokens": args.max_new_tokens,
               "features": args.features, "seed": args.seed, "datastore": args.datastore,

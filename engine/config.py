@@ -5,11 +5,13 @@ A component's constructor takes only the sub-config it uses.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 from engine.loader import DEFAULT_MODEL
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NORM_SCHEMES = ("pre", "lns", "mix_ln")
 """Where a Llama-family decoder layer puts its RMSNorms (see `ModelConfig.norm_scheme`)."""
 
@@ -24,7 +26,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     """A local Hugging Face-format directory, or the name of an embedded model."""
     dtype: str = "float32"
     """Weights and activations dtype. float32 is the parity reference; bfloat16 is faster on
-    CPUs with AMX/AVX512-BF16 and on GPUs; float16 is for GPUs (slow on most CPUs)."""
+    CPUs with AMX/AVX512-BF16 and on GPUs; float16 is for GPUs (slow on most CPUs); "auto" is
+    bfloat16 on a GPU and float32 on the CPU."""
     max_model_len: int | None = None
     """Longest prompt + output; defaults to the model's max_position_embeddings."""
     num_threads: int | None = None
@@ -59,8 +62,17 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.resolved_device.startswith("cuda") else "float32"
+
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {_DTYPES}")
+        _require(self.device == "auto" or self.device == "cpu" or
+                 re.fullmatch(r"cuda(:\d+)?", self.device) is not None, "device", self.device,
+                 "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         _require(self.quantization in ("none", "int8"), "quantization", self.quantization,
                  "must be 'none' or 'int8'")
         _require(self.attention_backend in ("auto", "torch"), "attention_backend",

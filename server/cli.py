@@ -28,7 +28,12 @@ DEMO_PROMPT = "The three most useful things to know about paged attention are"
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF-format model directory or embedded model name (default: SmolLM2)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA when a GPU is present, else the CPU), cpu, cuda "
+                        "or cuda:N; on CUDA the attention, lightning-attention and add+norm "
+                        "kernels are Triton")
     p.add_argument("--quantization", default="none", choices=["none", "int8"],
                    help="int8: weight-only int8 linear layers")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -349,6 +354,7 @@ def make_engine_config(args):
 
     return EngineConfig(
         model=ModelConfig(model=args.model or ModelConfig().model, dtype=args.dtype,
+                          device=args.device,
                           quantization=args.quantization, num_threads=args.threads,
                           norm_scheme=args.norm_scheme, mix_ln_ratio=args.mix_ln_ratio),
         cache=CacheConfig(num_blocks=args.num_blocks),

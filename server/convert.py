@@ -425,7 +425,7 @@ def model_info(engine, ctx: Context) -> pb.ModelInfo:
         datastores=[pb.DatastoreInfo(name=name, keys=len(store), dim=store.meta.dim,
                                      index=store.kind)
                     for name, store in stores.open_datastores().items()],
-        dtype=cfg.model.dtype,
+        dtype=cfg.model.resolved_dtype,
         kv_block_size=0 if engine.loaded.memory == "state_slots" else cfg.cache.block_size,
         limits=pb.Limits(
             max_prompt_tokens=ctx.max_prompt_tokens, max_new_tokens=ctx.max_new_tokens,

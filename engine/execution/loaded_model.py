@@ -66,7 +66,7 @@ def load_model(model_config: ModelConfig) -> LoadedModel:
             model_config.norm_scheme not in (None, "pre") or model_config.mix_ln_ratio is not None):
         raise ValueError(f"norm_scheme={model_config.norm_scheme!r}: only Llama-family "
                          f"models take a norm scheme ({model_cls.__name__} does not)")
-    dtype = _DTYPES[model_config.dtype]
+    dtype = _DTYPES[model_config.resolved_dtype]
     device = torch.device(model_config.resolved_device)
     with torch.device("meta"):
         model = model_cls(config)

@@ -74,3 +74,19 @@ def test_triton_transnormer_greedy_equals_the_oracle(tmp_path, model_dir):
     engine = make_engine(tmp_path, num_blocks=8, max_num_batched_tokens=16)
     outs = engine.generate(ids, SamplingParams(max_new_tokens=6, temperature=0.0))
     assert [o.token_ids for o in outs] == [oracle.greedy(i, max_new=6) for i in ids]
+
+
+def test_device_and_dtype_flags(monkeypatch):
+    from engine.config import ModelConfig
+    from server.cli import build_parser, make_engine_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto = make_engine_config(build_parser().parse_args(["generate"])).model
+    assert (auto.resolved_device, auto.resolved_dtype) == ("cpu", "float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (auto.resolved_device, auto.resolved_dtype) == ("cuda", "bfloat16")
+    forced = make_engine_config(build_parser().parse_args(
+        ["generate", "--device", "cpu", "--dtype", "float16"])).model
+    assert (forced.resolved_device, forced.resolved_dtype) == ("cpu", "float16")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        ModelConfig(device="tpu")
