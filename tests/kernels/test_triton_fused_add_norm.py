@@ -12,6 +12,7 @@ from engine.kernels.fused_add_norm import fused_add_norm
 from engine.kernels.fused_add_norm.reference import fused_add_norm_reference
 from engine.layers.norms import CenteredNorm, LayerNorm, RMSNorm
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -27,7 +28,7 @@ def inputs(kind, hidden, dtype, seed=0):
     residual = (torch.randn(5, hidden, generator=gen) * 3).to(dtype)
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
     bias = None if kind == "rms" else (0.1 * torch.randn(hidden, generator=gen)).to(dtype)
-    return x, residual, weight, bias
+    return tuple(None if t is None else t.to(DEVICE) for t in (x, residual, weight, bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -48,9 +49,10 @@ def test_triton_add_norm_agrees_with_the_torch_path(kind, monkeypatch):
     x, residual, weight, bias = inputs(kind, 80, torch.float32, seed=1)
     triton_out = fused_add_norm(x, residual, weight, bias, 1e-6, kind, 0.7)
     monkeypatch.setenv("POLYDECODE_KERNEL_BACKEND", "cpu")
-    torch_out = fused_add_norm(x, residual, weight, bias, 1e-6, kind, 0.7)
+    torch_out = fused_add_norm(x.cpu(), residual.cpu(), weight.cpu(),
+                               None if bias is None else bias.cpu(), 1e-6, kind, 0.7)
     for a, b in zip(triton_out, torch_out):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,layer", [("rms", RMSNorm(48, 1e-6)), ("layer", LayerNorm(48, 1e-5)),
@@ -62,8 +64,9 @@ def test_triton_add_norm_equals_the_model_norm_layers(kind, layer):
             p.copy_(torch.randn_like(p))
     eps = getattr(layer, "eps", 0.0)
     bias = getattr(layer, "bias", None)
-    out, h = fused_add_norm(x, residual, layer.weight.data, None if bias is None else bias.data,
-                            eps, kind)
+    layer = layer.to(DEVICE)
+    out, h = fused_add_norm(x, residual, layer.weight.data, None if bias is None else
+                            layer.bias.data, eps, kind)
     torch.testing.assert_close(h, x + residual)
     torch.testing.assert_close(out, layer(x + residual).detach(), atol=1e-5, rtol=1e-5)
 

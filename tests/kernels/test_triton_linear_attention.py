@@ -13,6 +13,7 @@ from engine.kernels.linear_attention import linear_decode, linear_prefill
 from engine.kernels.linear_attention.reference import (linear_decode_reference,
                                                        linear_prefill_reference)
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
 
 
@@ -28,7 +29,7 @@ def inputs(num_tokens, heads, d_k, d_v, dtype, seed):
     k = (torch.randn(num_tokens, heads, d_k, generator=gen) * 0.3).to(dtype)
     v = torch.randn(num_tokens, heads, d_v, generator=gen).to(dtype)
     s = torch.rand(heads, generator=gen) * 0.5 + 0.01
-    return q, k, v, s
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), s.to(DEVICE)
 
 
 def pool_with(slots, num_slots, heads, d_k, d_v, seed):
@@ -36,7 +37,7 @@ def pool_with(slots, num_slots, heads, d_k, d_v, seed):
     live = slots[slots >= 0]
     pool[live] = torch.randn(len(live), heads, d_k, d_v,
                              generator=torch.Generator().manual_seed(seed))
-    return pool
+    return pool.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -45,8 +46,8 @@ def test_triton_chunked_prefill(dtype, heads, d_k, d_v):
     # 70 tokens cross one 64-token chunk boundary; 64 fill one exactly; 5 fit in one.
     lens = [70, 5, 64]
     q, k, v, s = inputs(sum(lens), heads, d_k, d_v, dtype, seed=heads)
-    q_starts = torch.tensor([0] + lens).cumsum(0)
-    slots = torch.tensor([3, 0, 1])
+    q_starts = torch.tensor([0] + lens).cumsum(0).to(DEVICE)
+    slots = torch.tensor([3, 0, 1]).to(DEVICE)
     pool = pool_with(slots, 5, heads, d_k, d_v, seed=1)
     expected_pool = pool.clone()
     out = linear_prefill(q, k, v, s, pool, q_starts, slots)
@@ -62,7 +63,7 @@ def test_triton_chunked_prefill(dtype, heads, d_k, d_v):
 def test_triton_decode_in_place_with_padding_slots(dtype):
     heads, d_k, d_v = 2, 32, 80  # d_v spans two 64-wide tiles
     q, k, v, s = inputs(4, heads, d_k, d_v, dtype, seed=7)
-    slots = torch.tensor([2, -1, 0, 5])
+    slots = torch.tensor([2, -1, 0, 5]).to(DEVICE)
     pool = pool_with(slots, 6, heads, d_k, d_v, seed=2)
     expected_pool = pool.clone()
     for step in range(2):  # the second step reads what the first wrote
@@ -78,26 +79,29 @@ def test_triton_decode_agrees_with_the_cpp_kernel(monkeypatch):
     assert linear_attention.is_available()
     heads, d_k, d_v = 3, 32, 32
     q, k, v, s = inputs(3, heads, d_k, d_v, torch.float32, seed=9)
-    slots = torch.tensor([1, -1, 4])
+    slots = torch.tensor([1, -1, 4]).to(DEVICE)
     pool = pool_with(slots, 5, heads, d_k, d_v, seed=3)
-    cpp_pool = pool.clone()
+    cpp_pool = pool.clone().cpu()
     out = linear_decode(q, k, v, s, pool, slots)
     monkeypatch.setenv("POLYDECODE_KERNEL_BACKEND", "cpu")
-    cpp_out = linear_decode(q, k, v, s, cpp_pool, slots)
-    torch.testing.assert_close(out, cpp_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pool, cpp_pool, atol=1e-5, rtol=1e-5, equal_nan=True)
+    cpp_out = linear_decode(q.cpu(), k.cpu(), v.cpu(), s.cpu(), cpp_pool, slots.cpu())
+    torch.testing.assert_close(out.cpu(), cpp_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool.cpu(), cpp_pool, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
 def test_triton_prefill_then_decode_continues_the_recurrence():
     heads, d_k, d_v = 2, 16, 16
     q, k, v, s = inputs(41, heads, d_k, d_v, torch.float32, seed=11)
     pool = torch.zeros(2, heads, d_k, d_v)
-    out = linear_prefill(q[:40], k[:40], v[:40], s, pool, torch.tensor([0, 40]),
-                         torch.tensor([1]))
-    last = linear_decode(q[40:], k[40:], v[40:], s, pool, torch.tensor([1]))
+    pool = pool.to(DEVICE)
+    one = torch.tensor([1], device=DEVICE)
+    out = linear_prefill(q[:40], k[:40], v[:40], s, pool, torch.tensor([0, 40], device=DEVICE),
+                         one)
+    last = linear_decode(q[40:], k[40:], v[40:], s, pool, one)
     from engine.kernels.linear_attention.reference import linear_recurrence_reference
 
-    expected, state = linear_recurrence_reference(q, k, v, s, torch.zeros(heads, d_k, d_v))
+    expected, state = linear_recurrence_reference(q, k, v, s, torch.zeros(heads, d_k, d_v,
+                                                                          device=DEVICE))
     torch.testing.assert_close(torch.cat([out, last]).double(), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(pool[1].double(), state, atol=1e-5, rtol=0)
 

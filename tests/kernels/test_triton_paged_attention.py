@@ -12,6 +12,7 @@ from engine.kernels.paged_attention import paged_attention, paged_decode_attenti
 from engine.kernels.paged_attention.reference import paged_attention_reference
 
 BLOCK_SIZE = 8
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -41,7 +42,8 @@ def paged_batch(lens, q_lens, num_heads, num_kv_heads, head_dim, dtype, seed=0):
             v[block, offset] = torch.randn(num_kv_heads, head_dim, generator=gen)
     q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen)
     q_starts = torch.tensor([0] + q_lens).cumsum(0)
-    return q.to(dtype), k.to(dtype), v.to(dtype), tables, torch.tensor(lens), q_starts
+    return tuple(t.to(DEVICE) for t in (q.to(dtype), k.to(dtype), v.to(dtype), tables,
+                                        torch.tensor(lens), q_starts))
 
 
 def check(q, k, v, tables, lens, q_starts, sets=None, num_splits=1, scale=0.125):
@@ -52,7 +54,7 @@ def check(q, k, v, tables, lens, q_starts, sets=None, num_splits=1, scale=0.125)
     ref = paged_attention_reference(q, k, v, tables, lens, q_starts, scale, set_start,
                                     member_start)
     assert out.dtype == q.dtype and not out.isnan().any()
-    err = (out.double() - ref).abs().max().item()
+    err = (out.double().cpu() - ref).abs().max().item()
     assert err <= TOLERANCE[q.dtype], f"max abs err {err:.3g}"
     return out
 
@@ -89,7 +91,7 @@ def set_encoding(q_starts, lens, layout):
                 if lo <= position < hi:
                     set_start[row] = lo
                     member_start[row] = max(m for m in members if m <= position)
-    return set_start, member_start
+    return set_start.to(DEVICE), member_start.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -109,8 +111,8 @@ def test_triton_set_masks_across_a_chunk_boundary(dtype):
 def test_triton_fully_masked_rows_are_zero_not_nan():
     q, k, v, tables, lens, q_starts = paged_batch([10, 5], [4, 1], 2, 1, 32, torch.float32)
     # Row 1 may see no key at all: j < 0 or j >= position + 1.
-    set_start = torch.zeros(5, dtype=torch.int32)
-    member_start = torch.zeros(5, dtype=torch.int32)
+    set_start = torch.zeros(5, dtype=torch.int32, device=DEVICE)
+    member_start = torch.zeros(5, dtype=torch.int32, device=DEVICE)
     member_start[1] = 8
     out = check(q, k, v, tables, lens, q_starts, (set_start, member_start))
     assert out[1].abs().max() == 0
@@ -122,8 +124,8 @@ def test_triton_agrees_with_the_cpp_decode_kernel(num_heads, num_kv_heads):
     q, k, v, tables, seq_lens, q_starts = paged_batch(lens, [1] * 4, num_heads, num_kv_heads,
                                                       32, torch.float32, seed=3)
     triton_out = paged_attention(q, k, v, tables, seq_lens, q_starts, 0.2, 1)
-    cpp_out = paged_decode_attention(q, k, v, tables, seq_lens, 0.2)
-    torch.testing.assert_close(triton_out, cpp_out, atol=1e-5, rtol=0)
+    cpp_out = paged_decode_attention(*(t.cpu() for t in (q, k, v, tables, seq_lens)), 0.2)
+    torch.testing.assert_close(triton_out.cpu(), cpp_out, atol=1e-5, rtol=0)
 
 
 def test_triton_rejects_bad_arguments():

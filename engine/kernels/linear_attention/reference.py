@@ -15,7 +15,7 @@ def linear_recurrence_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     Returns (o [n, H, d_v], final state [H, d_k, d_v]), float64."""
     decay = torch.exp(-s.double())[:, None, None]
     state = state.double().clone()
-    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64)
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64, device=q.device)
     for t in range(q.shape[0]):
         state = decay * state + k[t].double()[:, :, None] * v[t].double()[:, None, :]
         out[t] = (q[t].double()[:, None, :] @ state).squeeze(1)
