@@ -43,6 +43,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     forces the gather + scaled_dot_product_attention reference path."""
     device: str = "auto"
     """"cpu", "cuda", "cuda:N", or "auto" (CUDA when available, else CPU)."""
+    cuda_graphs: bool = True
+    """On CUDA, capture all-decode steps of common batch sizes as CUDA graphs at start-up."""
     norm_scheme: str | None = None
     """Norm placement of a Llama-family model, which its checkpoint cannot declare (LNS and
     Mix-LN checkpoints are saved as plain `model_type: llama`): "pre" (standard Pre-LN),

@@ -54,6 +54,8 @@ class Engine:
         if self.max_model_len > max_positions:
             raise ValueError(f"max_model_len={self.max_model_len}: the model has position "
                              f"embeddings for {max_positions} tokens")
+        if config.model.cuda_graphs and self.runner.device.type == "cuda":
+            self.runner.enable_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         self.kv_cache = create_cache_manager(self.loaded.memory, self.runner.num_blocks,
                                              config.cache)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)

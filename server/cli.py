@@ -34,6 +34,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default: CUDA when a GPU is present, else the CPU), cpu, cuda "
                         "or cuda:N; on CUDA the attention, lightning-attention and add+norm "
                         "kernels are Triton")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, run decode steps eagerly instead of replaying the CUDA "
+                        "graphs captured at start-up")
     p.add_argument("--quantization", default="none", choices=["none", "int8"],
                    help="int8: weight-only int8 linear layers")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -354,7 +357,7 @@ def make_engine_config(args):
 
     return EngineConfig(
         model=ModelConfig(model=args.model or ModelConfig().model, dtype=args.dtype,
-                          device=args.device,
+                          device=args.device, cuda_graphs=args.cuda_graphs,
                           quantization=args.quantization, num_threads=args.threads,
                           norm_scheme=args.norm_scheme, mix_ln_ratio=args.mix_ln_ratio),
         cache=CacheConfig(num_blocks=args.num_blocks),

@@ -17,6 +17,7 @@ import torch
 
 from engine.execution.attention_metadata import AttentionMetadata, PrefillChunk
 from engine.config import CacheConfig, ModelConfig
+from engine.execution.decode_graphs import DecodeGraphs
 from engine.execution.varlen import prepare_varlen
 from engine.kernels import backend, paged_attention
 from engine.execution.loaded_model import LoadedModel, load_model
@@ -50,6 +51,8 @@ class ModelRunner:
         if isinstance(loaded, ModelConfig):
             loaded, attention_backend = load_model(loaded), loaded.attention_backend
         self.loaded = loaded
+        self.use_varlen = False
+        self.graphs: DecodeGraphs | None = None
         if loaded.memory == "state_slots":
             self._use_state_slots(cache_config)
         else:
@@ -109,6 +112,21 @@ class ModelRunner:
             return [torch.zeros((self.num_blocks, *shape), dtype=torch.float32)
                     for shape in self.model.state_shapes()]
 
+    def enable_decode_graphs(self, max_batch: int, max_model_len: int,
+                             capture: bool | None = None) -> bool:
+        """Runs all-decode steps of up to `max_batch` sequences from static buffers, captured
+        as CUDA graphs (`capture`, default: on CUDA). Only for the Triton varlen path and
+        state-slot models (the CPU gather path's shapes change every step). Returns whether
+        graphs are on."""
+        if not (self.use_varlen or self.uses_state_slots):
+            return False
+        self.graphs = DecodeGraphs(
+            self.model, self.kv_caches, max_batch=max_batch,
+            max_blocks=-(-max_model_len // self.block_size) + 1, null_slot=self.null_slot,
+            state_slots=self.uses_state_slots, device=self.device,
+            capture=self.device.type == "cuda" if capture is None else capture)
+        return True
+
     # ---- the loaded model, as the runner's attributes ----------------------------------------
 
     @property
@@ -150,21 +168,46 @@ class ModelRunner:
         """
         # Single-token rows first: they form the batched decode group of the attention.
         items = sorted(output.scheduled, key=lambda s: not _is_decode(s))
-        # Step inputs (ids, slots, masks) are built on the model's device. The device context
-        # intercepts every torch call, so the forward itself runs outside it.
-        with self.device:
-            self._copy_blocks(output.block_copies)
-            input_ids, positions, meta, sample_rows, sampled = self._prepare(items)
-            rows = torch.tensor(sample_rows, dtype=torch.long)
-        capture_layers = self._capture_layers(items)
-        hidden, layer_caps = self.model(input_ids, positions, self.kv_caches, meta,
-                                        capture_layers)
+        if self._graph_step(items):
+            with self.device:
+                self._copy_blocks(output.block_copies)
+            hidden, sample_rows, sampled = self._run_graph(items)
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            layer_caps: dict[str, torch.Tensor] = {}
+        else:
+            # Step inputs (ids, slots, masks) are built on the model's device. The device
+            # context intercepts every torch call, so the forward itself runs outside it.
+            with self.device:
+                self._copy_blocks(output.block_copies)
+                input_ids, positions, meta, sample_rows, sampled = self._prepare(items)
+                rows = torch.tensor(sample_rows, dtype=torch.long)
+            hidden, layer_caps = self.model(input_ids, positions, self.kv_caches, meta,
+                                            self._capture_layers(items))
         sampled_hidden = hidden[rows]
         logits = self.model.compute_logits(sampled_hidden)
         captures = self._gather_captures(sampled, rows, sampled_hidden, layer_caps)
         return ModelRunnerOutput(req_ids=[s.request.req_id for s in sampled], logits=logits,
                                  captures=captures,
                                  prompt_chunks=self._prompt_chunks(items, hidden, layer_caps))
+
+    def _graph_step(self, items: list[ScheduledRequest]) -> bool:
+        return (self.graphs is not None and 0 < len(items) <= self.graphs.max_batch and
+                all(_is_decode(i) and not i.request.captures for i in items))
+
+    def _run_graph(self, items: list[ScheduledRequest]):
+        """An all-decode step from the decode graphs' static buffers."""
+        batch = _TokenBatch()
+        slots, lens, tables = [], [], []
+        bs = self.block_size
+        for item in items:
+            _, start, end = batch.add(item)
+            table = item.block_ids
+            slots.append(table[0] if self.uses_state_slots else
+                         table[start // bs] * bs + start % bs)
+            lens.append(end)
+            tables.append(table)
+        hidden = self.graphs.run(batch.input_ids, batch.positions, slots, lens, tables)
+        return hidden, batch.sample_rows, batch.sampled
 
     def _prompt_chunks(self, items: list[ScheduledRequest], hidden: torch.Tensor,
                        layer_caps: dict[str, torch.Tensor]):

@@ -76,6 +76,43 @@ def test_triton_transnormer_greedy_equals_the_oracle(tmp_path, model_dir):
     assert [o.token_ids for o in outs] == [oracle.greedy(i, max_new=6) for i in ids]
 
 
+def count_graph_steps(runner) -> list[int]:
+    """Wraps the decode graphs' `run`; returns the list of batch sizes it was called with."""
+    calls, run = [], runner.graphs.run
+    runner.graphs.run = lambda ids, *rest: calls.append(len(ids)) or run(ids, *rest)
+    return calls
+
+
+def test_triton_decode_graph_buffers_pad_the_batch(llama, hf_tokenizer):
+    # The CUDA-graph path's static buffers, run eagerly: 3 sequences padded to the batch of 4
+    # (padding rows write the null slot and read one key), then 2 and 1 as requests finish.
+    hf, path = llama
+    prompts = llama_tests.PROMPTS[:3]
+    lengths = [16, 12, 9]
+    expected = [out[:n] for out, n in zip(hf_greedy(hf, hf_tokenizer, prompts), lengths)]
+    engine = make_engine(path, num_blocks=64, block_size=8)
+    assert engine.runner.enable_decode_graphs(max_batch=4, max_model_len=512, capture=False)
+    assert engine.runner.graphs.sizes == [1, 2, 4]
+    calls = count_graph_steps(engine.runner)
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in lengths]
+    assert [o.token_ids for o in engine.generate(prompts, params)] == expected
+    assert {3, 2, 1} <= set(calls)
+
+
+def test_triton_decode_graph_buffers_skip_padding_state_slots(tmp_path, model_dir):
+    from engine.tokenizer import Tokenizer
+
+    sd = tnl_tests.write_checkpoint(tmp_path, model_dir, heads=2, seed=6)
+    oracle = tnl_tests.ParallelOracle(sd, heads=2, layers=3)
+    ids = [Tokenizer(tmp_path).encode(p) for p in tnl_tests.PROMPTS[:3]]
+    engine = make_engine(tmp_path, num_blocks=8)
+    assert engine.runner.enable_decode_graphs(max_batch=4, max_model_len=512, capture=False)
+    calls = count_graph_steps(engine.runner)
+    outs = engine.generate(ids, SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert [o.token_ids for o in outs] == [oracle.greedy(i, max_new=6) for i in ids]
+    assert 3 in calls
+
+
 def test_device_and_dtype_flags(monkeypatch):
     from engine.config import ModelConfig
     from server.cli import build_parser, make_engine_config
@@ -85,8 +122,10 @@ def test_device_and_dtype_flags(monkeypatch):
     assert (auto.resolved_device, auto.resolved_dtype) == ("cpu", "float32")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert (auto.resolved_device, auto.resolved_dtype) == ("cuda", "bfloat16")
+    assert auto.cuda_graphs
     forced = make_engine_config(build_parser().parse_args(
-        ["generate", "--device", "cpu", "--dtype", "float16"])).model
+        ["generate", "--device", "cpu", "--dtype", "float16", "--no-cuda-graphs"])).model
     assert (forced.resolved_device, forced.resolved_dtype) == ("cpu", "float16")
+    assert not forced.cuda_graphs
     with pytest.raises(ValueError, match="device='tpu'"):
         ModelConfig(device="tpu")
