@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -55,7 +56,12 @@ class Engine:
             raise ValueError(f"max_model_len={self.max_model_len}: the model has position "
                              f"embeddings for {max_positions} tokens")
         if config.model.cuda_graphs and self.runner.device.type == "cuda":
-            self.runner.enable_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
+            try:
+                self.runner.enable_decode_graphs(config.scheduler.max_num_seqs,
+                                                 self.max_model_len)
+            except RuntimeError as exc:  # a failed capture costs speed, not the server
+                self.runner.graphs = None
+                warnings.warn(f"CUDA graph capture failed, decode steps run eagerly: {exc}")
         self.kv_cache = create_cache_manager(self.loaded.memory, self.runner.num_blocks,
                                              config.cache)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
