@@ -42,6 +42,13 @@ def hf_tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Forces the Triton kernels (interpreted on CPU tensors when there is no GPU)."""
+    pytest.importorskip("triton")  # pinned in the test extra: never missing under `make test`
+    monkeypatch.setenv("POLYDECODE_KERNEL_BACKEND", "triton")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Runs a module of tiny-model tests on one torch thread: at hidden sizes of 32-128 each

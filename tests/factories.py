@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import torch
+
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the Triton kernel tests put their tensors (CPU: the interpreter, see conftest)."""
 
 
 def make_engine_config(model_dir, num_blocks: int | None = 512, block_size: int = 16,

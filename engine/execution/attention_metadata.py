@@ -47,6 +47,18 @@ class VarlenMetadata(msgspec.Struct, kw_only=True):
     """Key ranges per (sequence, kv head): > 1 only for long-context decode of few sequences."""
 
 
+class LinearPrefill(msgspec.Struct, kw_only=True):
+    """The plain (unmasked) prompt chunks of a state-slot model's step, batched for one
+    lightning-kernel launch per layer (Triton backend)."""
+
+    rows: torch.Tensor
+    """[num_tokens] int64 rows of the chunks' tokens in the step's flat batch."""
+    q_starts: torch.Tensor
+    """[num_chunks + 1] int64 prefix sums of the chunk lengths."""
+    slots: torch.Tensor
+    """[num_chunks] int64 state slot of each chunk's sequence."""
+
+
 class AttentionMetadata(msgspec.Struct, kw_only=True):
     slot_mapping: torch.Tensor
     """[num_tokens] int64: cache slot (block_id * block_size + offset) of every new token."""
@@ -68,3 +80,6 @@ class AttentionMetadata(msgspec.Struct, kw_only=True):
     `prefills` is empty and the decode fields are unused)."""
     state_slots: torch.Tensor | None = None
     """[num_decode_tokens] int64 state slots of the decode rows (state-slot models only)."""
+    linear_prefill: LinearPrefill | None = None
+    """Set on the Triton backend for state-slot models: the step's plain prompt chunks (then
+    `prefills` holds only the structured ones)."""

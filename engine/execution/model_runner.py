@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 import torch
 
-from engine.execution.attention_metadata import AttentionMetadata, PrefillChunk
+from engine.execution.attention_metadata import AttentionMetadata, LinearPrefill, PrefillChunk
 from engine.config import CacheConfig, ModelConfig
 from engine.execution.decode_graphs import DecodeGraphs
 from engine.execution.varlen import prepare_varlen
@@ -84,6 +84,8 @@ class ModelRunner:
         self._cache_tensors = list(self.kv_caches)
         self._prepare = self._prepare_state
         self.use_paged_kernel = False
+        # The Triton lightning kernel takes every plain prompt chunk of a step in one launch.
+        self.batch_linear_prefill = backend(self.device) == "triton"
 
     @staticmethod
     def _blocks_for_memory(cache_config: CacheConfig, bytes_per_block: int) -> int:
@@ -285,6 +287,7 @@ class ModelRunner:
         decode_slots: list[int] = []
         fresh_slots: list[int] = []
         prefills: list[PrefillChunk] = []
+        plain: list[tuple[int, int, int]] = []  # (first row, length, slot) of batched chunks
         for item in items:
             q_start, start, end = batch.add(item)
             req, slot = item.request, item.block_ids[0]
@@ -297,6 +300,9 @@ class ModelRunner:
             if req.needs_structure_mask(start, end):  # a structured prompt's sets
                 assert start == 0, "a structured prompt split before its last set member"
                 mask = _chunk_mask(req, 0, min(end, req.layout.member_span[1]))  # then sequential
+            if mask is None and self.batch_linear_prefill:
+                plain.append((q_start, end - start, slot))
+                continue
             prefills.append(PrefillChunk(q_start=q_start, q_len=end - start,
                                          num_context_tokens=start, mask=mask, state_slot=slot))
         if fresh_slots:
@@ -306,6 +312,13 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.empty(0, dtype=torch.long), num_decode_tokens=len(decode_slots),
             state_slots=torch.tensor(decode_slots, dtype=torch.long), prefills=prefills)
+        if plain:
+            starts, lengths, slots = (torch.tensor(column) for column in zip(*plain))
+            q_starts = torch.zeros(len(plain) + 1, dtype=torch.long)
+            torch.cumsum(lengths, 0, out=q_starts[1:])
+            rows = torch.arange(sum(n for _, n, _ in plain)) + torch.repeat_interleave(
+                starts - q_starts[:-1], lengths)
+            meta.linear_prefill = LinearPrefill(rows=rows, q_starts=q_starts, slots=slots)
         return batch.inputs(meta)
 
     def _context_slots(self, table: list[int], num_tokens: int) -> torch.Tensor:

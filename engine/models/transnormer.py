@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.execution.attention_metadata import AttentionMetadata
-from engine.kernels import backend
 from engine.kernels.linear_attention import linear_decode, linear_prefill
 from engine.layers import linear_attention as la
 
@@ -172,18 +171,12 @@ class NormLinearAttention(nn.Module):
         n = meta.num_decode_tokens
         if n:  # decode rows: one token each, state updated in its slot
             out[:n] = linear_decode(q[:n], k[:n], v[:n], decay, state, meta.state_slots)
-        chunks = meta.prefills
-        if backend(x.device) == "triton":  # every plain chunk in one lightning-kernel launch
-            plain = [c for c in chunks if c.mask is None]
-            chunks = [c for c in chunks if c.mask is not None]
-            if plain:
-                rows = torch.cat([torch.arange(c.q_start, c.q_start + c.q_len, device=x.device)
-                                  for c in plain])
-                q_starts = torch.tensor([0] + [c.q_len for c in plain], device=x.device).cumsum(0)
-                slots = torch.tensor([c.state_slot for c in plain], device=x.device)
-                out[rows] = linear_prefill(q[rows], k[rows], v[rows], decay, state, q_starts,
-                                           slots)
-        for chunk in chunks:
+        batched = meta.linear_prefill
+        if batched is not None:  # every plain chunk in one lightning-kernel launch
+            rows = batched.rows
+            out[rows] = linear_prefill(q[rows], k[rows], v[rows], decay, state, batched.q_starts,
+                                       batched.slots)
+        for chunk in meta.prefills:
             rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
             qh, kh, vh = (t[rows].transpose(0, 1) for t in (q, k, v))   # [H, m, d]
             o, state[chunk.state_slot] = self._prefill(qh, kh, vh, decay, positions[rows],

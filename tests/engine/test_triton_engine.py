@@ -20,10 +20,7 @@ GREEDY = gpt2_tests.GREEDY  # 16 new tokens, as the oracle helper generates
 hf_greedy = gpt2_tests.hf_greedy
 
 
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    pytest.importorskip("triton")  # pinned in the test extra: never missing under `make test`
-    monkeypatch.setenv("POLYDECODE_KERNEL_BACKEND", "triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,10 @@ import torch
 from engine.kernels.fused_add_norm import fused_add_norm
 from engine.kernels.fused_add_norm.reference import fused_add_norm_reference
 from engine.layers.norms import CenteredNorm, LayerNorm, RMSNorm
+from tests.factories import TRITON_DEVICE as DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    pytest.importorskip("triton")  # pinned in the test extra: never missing under `make test`
-    monkeypatch.setenv("POLYDECODE_KERNEL_BACKEND", "triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def inputs(kind, hidden, dtype, seed=0):

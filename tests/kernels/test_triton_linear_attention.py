@@ -12,15 +12,10 @@ from engine.kernels import linear_attention
 from engine.kernels.linear_attention import linear_decode, linear_prefill
 from engine.kernels.linear_attention.reference import (linear_decode_reference,
                                                        linear_prefill_reference)
+from tests.factories import TRITON_DEVICE as DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
-
-
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    pytest.importorskip("triton")  # pinned in the test extra: never missing under `make test`
-    monkeypatch.setenv("POLYDECODE_KERNEL_BACKEND", "triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def inputs(num_tokens, heads, d_k, d_v, dtype, seed):

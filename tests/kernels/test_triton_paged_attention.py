@@ -10,16 +10,11 @@ import torch
 
 from engine.kernels.paged_attention import paged_attention, paged_decode_attention
 from engine.kernels.paged_attention.reference import paged_attention_reference
+from tests.factories import TRITON_DEVICE as DEVICE
 
 BLOCK_SIZE = 8
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
-    pytest.importorskip("triton")  # pinned in the test extra: never missing under `make test`
-    monkeypatch.setenv("POLYDECODE_KERNEL_BACKEND", "triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def paged_batch(lens, q_lens, num_heads, num_kv_heads, head_dim, dtype, seed=0):

@@ -34,9 +34,8 @@ def _check_shapes(q, k_cache, v_cache) -> None:
         raise ValueError(f"dtype mismatch: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
 
 
-def _check_tables(q, k_cache, v_cache, block_tables, context_lens) -> None:
+def _check_tables(num_seqs: int, k_cache, v_cache, block_tables, context_lens) -> None:
     # The kernel trusts these bounds when it computes addresses, so they are checked here.
-    num_seqs = q.shape[0]
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or \
             context_lens.shape != (num_seqs,):
         raise ValueError(f"expected block_tables [{num_seqs}, max_blocks] and context_lens "
@@ -77,7 +76,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_tables.dtype != torch.int64 or context_lens.dtype != torch.int64:
         raise ValueError("block_tables and context_lens must be int64")
     if check_bounds:
-        _check_tables(q, k_cache, v_cache, block_tables, context_lens)
+        _check_tables(q.shape[0], k_cache, v_cache, block_tables, context_lens)
     ext = load_extension()
     if ext is None or q.device.type != "cpu":
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables,
@@ -139,7 +138,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if int(q_lens.min()) < 0 or int(q_lens.max()) > max_q_len or \
                 int(q_starts[-1]) != q.shape[0]:
             raise ValueError("q_starts must rise by at most max_q_len and end at num_tokens")
-        _check_tables(q_lens, k_cache, v_cache, block_tables, seq_lens)
+        _check_tables(seq_lens.shape[0], k_cache, v_cache, block_tables, seq_lens)
         if bool((seq_lens < q_lens).any()):
             raise ValueError("seq_lens must count the new tokens")
     kind = backend(q.device)
