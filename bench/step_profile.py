@@ -13,7 +13,7 @@ forward hooks on modules, wrappers on methods; nothing in the engine changes):
 - engine glue: the rest of `Engine.step` and the model runner's step (Python between the parts).
 The GEMM floor is the time of the same GEMMs alone at M = batch (`bench.throughput.linear_floor`).
 
-    python bench/profile.py [--batches 1,32] [--dtypes float32,bfloat16] [--steps 24] [--out DIR]
+    python bench/step_profile.py [--batches 1,32] [--dtypes float32,bfloat16] [--steps 24] [--out DIR]
 
 Prints one JSON line and writes DIR/profile.json and DIR/profile.png (a stacked bar per setting).
 """
@@ -27,9 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-# This file's own directory comes first on sys.path and its name would shadow the standard
-# library's `profile` (which torch imports): the repository root takes that place instead.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
