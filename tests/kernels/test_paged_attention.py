@@ -12,9 +12,11 @@ from engine.kernels.paged_attention.reference import paged_decode_attention_refe
 
 BLOCK_SIZE = 16
 CONTEXT_LENS = [1, 15, 16, 17, 63, 200]
-HEADS = [(9, 3), (4, 4), (8, 1)]  # (num_heads, num_kv_heads): GQA 3, MHA, MQA
-HEAD_DIMS = [64, 40]
-TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2}
+# (num_heads, num_kv_heads): GQA 3, MHA, MQA 8 (the AVX-512 path's widest group), MQA 16 (past
+# it: the portable path)
+HEADS = [(9, 3), (4, 4), (8, 1), (16, 1)]
+HEAD_DIMS = [64, 128, 40]  # 64 and 128 have an AVX-512 path, 40 only the portable one
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
 def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, atol: float) -> None:
@@ -61,6 +63,19 @@ def test_matches_reference(dtype, heads, head_dim):
     out = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
     assert not out.isnan().any()
     assert_close(f"{dtype}-{heads}-{head_dim}", ref, out, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 30.0], ids=["flat", "peaked"])
+def test_flat_and_peaked_softmax(temperature):
+    """All-equal scores (q = 0: the mean of V) and scores spread over hundreds of units, where
+    most exp() terms underflow to zero and one key takes the whole weight."""
+    torch.manual_seed(1)
+    k_cache, v_cache, tables, lens = make_paged_context(CONTEXT_LENS, 3, 64, torch.float32)
+    q = torch.randn(len(CONTEXT_LENS), 9, 64) * temperature
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, 0.125)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    # |V| reaches ~4 here: 5e-6 absolute is about 1e-6 relative to the largest outputs.
+    assert_close(f"softmax x{temperature}", ref, out, 5e-6)
 
 
 def test_rejects_bad_shapes():

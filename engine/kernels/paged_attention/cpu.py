@@ -15,12 +15,17 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 template <typename T>
 static inline float to_f(T x) { return static_cast<float>(x); }
 
-// One work item = one (sequence, kv head): its `group` query heads share every K/V row read.
+// Portable path (any head_dim, any ISA). One work item = one (sequence, kv head): its `group`
+// query heads share every K/V row read.
 template <typename T>
 static void decode_one(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,
                        int64_t length, int64_t block_size, int64_t num_kv_heads,
@@ -57,6 +62,115 @@ static void decode_one(const T* q, const T* k_cache, const T* v_cache, const int
   for (int64_t i = 0; i < group * head_dim; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
+#if defined(__AVX512F__)
+// AVX-512 path for head_dim = 16 * NV and group <= 8: K/V rows are loaded once per group as NV
+// float32 vectors (bfloat16 / half widened on load), the group's queries stay in registers,
+// softmax runs 16 scores at a time with a vector exp, and 1/sum is applied once at the end.
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+static inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+// (relative error < 2e-7), times 2^n by scalef (which flushes very negative x to 0).
+static inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename T, int NV>
+static void decode_one_avx512(const T* q, const T* k_cache, const T* v_cache,
+                              const int64_t* table, int64_t length, int64_t block_size,
+                              int64_t num_kv_heads, int64_t group, float scale, T* out) {
+  constexpr int D = 16 * NV;
+  thread_local std::vector<float> buffer;
+  const int64_t padded = (length + 15) / 16 * 16;
+  if (static_cast<int64_t>(buffer.size()) < group * padded) buffer.resize(group * padded);
+  float* scores = buffer.data();
+  __m512 qv[8][NV];
+  for (int64_t g = 0; g < group; ++g)
+    for (int v = 0; v < NV; ++v)
+      qv[g][v] = _mm512_mul_ps(load16(q + g * D + 16 * v), _mm512_set1_ps(scale));
+  const int64_t row = num_kv_heads * D;
+  for (int64_t t = 0; t < length; ++t) {
+    const T* kp = k_cache + (table[t / block_size] * block_size + t % block_size) * row;
+    __m512 kv[NV];
+    for (int v = 0; v < NV; ++v) kv[v] = load16(kp + 16 * v);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
+      for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[g][v], kv[v], acc);
+      scores[g * padded + t] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  float inv_sum[8];
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * padded;
+    for (int64_t t = length; t < padded; ++t) sg[t] = -INFINITY;
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < padded; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sg + t));
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + t), mx));
+      _mm512_storeu_ps(sg + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv_sum[g] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[8][NV];
+  for (int64_t g = 0; g < group; ++g)
+    for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < length; ++t) {
+    const T* vp = v_cache + (table[t / block_size] * block_size + t % block_size) * row;
+    __m512 vv[NV];
+    for (int v = 0; v < NV; ++v) vv[v] = load16(vp + 16 * v);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * padded + t]);
+      for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]);
+    }
+  }
+  alignas(64) float tmp[16];
+  for (int64_t g = 0; g < group; ++g)
+    for (int v = 0; v < NV; ++v) {
+      _mm512_store_ps(tmp, _mm512_mul_ps(acc[g][v], _mm512_set1_ps(inv_sum[g])));
+      for (int i = 0; i < 16; ++i) out[g * D + 16 * v + i] = static_cast<T>(tmp[i]);
+    }
+}
+#endif
+
+template <typename T>
+static void decode_item(const T* q, const T* k, const T* v, const int64_t* table,
+                        int64_t length, int64_t block_size, int64_t num_kv_heads,
+                        int64_t head_dim, int64_t group, float scale, T* out) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, double>) if (group <= 8) {
+    switch (head_dim) {
+      case 64: return decode_one_avx512<T, 4>(q, k, v, table, length, block_size,
+                                               num_kv_heads, group, scale, out);
+      case 128: return decode_one_avx512<T, 8>(q, k, v, table, length, block_size,
+                                                num_kv_heads, group, scale, out);
+      default: break;
+    }
+  }
+#endif
+  decode_one<T>(q, k, v, table, length, block_size, num_kv_heads, head_dim, group, scale, out);
+}
+
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor block_tables,
                                      torch::Tensor context_lens, double scale) {
@@ -75,9 +189,9 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / num_kv_heads, kh = i % num_kv_heads;
         const int64_t head0 = (b * num_heads + kh * group) * head_dim;
-        decode_one<scalar_t>(qp + head0, kp + kh * head_dim, vp + kh * head_dim,
-                             tables + b * max_blocks, lens[b], block_size, num_kv_heads,
-                             head_dim, group, static_cast<float>(scale), op + head0);
+        decode_item<scalar_t>(qp + head0, kp + kh * head_dim, vp + kh * head_dim,
+                              tables + b * max_blocks, lens[b], block_size, num_kv_heads,
+                              head_dim, group, static_cast<float>(scale), op + head0);
       }
     });
   });
