@@ -49,8 +49,10 @@ def _build_lock(build_dir: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build(name: str, source: str, functions: list[str]):
-    """Compiles (first call on a machine) and loads an extension; None if it cannot build."""
+def build(name: str, source: str, functions: list[str], cflags: tuple[str, ...] = ()):
+    """Compiles (first call on a machine) and loads an extension; None if it cannot build.
+    `cflags` are added to the defaults (e.g. `-ffp-contract=off` where a kernel must round
+    each product like torch's separate ops do)."""
     import torch
     from torch.utils.cpp_extension import get_default_build_root, load_inline
 
@@ -67,7 +69,7 @@ def build(name: str, source: str, functions: list[str]):
     try:
         with _build_lock(build_dir):
             return load_inline(name=full_name, cpp_sources=[source], functions=functions,
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                               extra_cflags=["-O3", "-march=native", "-fopenmp", *cflags],
                                extra_ldflags=["-fopenmp"], build_directory=build_dir,
                                verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler / headers: the torch path still works

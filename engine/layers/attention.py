@@ -28,17 +28,19 @@ class PagedAttention(nn.Module):
         self.scale = scale
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
-                ) -> torch.Tensor:
-        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                stored: bool = False) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
+        `stored`: the caller already wrote k and v at `meta.slot_mapping`.
 
         Returns [num_tokens, num_heads * head_dim].
         """
         k_cache, v_cache = kv_cache
         flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
+        if not stored:
+            flat_k.index_copy_(0, meta.slot_mapping, k)
+            flat_v.index_copy_(0, meta.slot_mapping, v)
         if meta.varlen is not None:  # the Triton backend: the whole step in one launch
             vl = meta.varlen
             return paged_attention(q.contiguous(), k_cache, v_cache, vl.block_tables,

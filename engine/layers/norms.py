@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import backend
+from engine.kernels import backend, layer_ops
 from engine.kernels.fused_add_norm import fused_add_norm
 
 
@@ -22,9 +22,20 @@ class _AddNorm:
             return fused_add_norm(x, residual, self.weight, getattr(self, "bias", None),
                                   getattr(self, "eps", 0.0), self.kind,
                                   1.0 if scale is None else scale)
+        if self._cpu_fused(x, residual):
+            return layer_ops.add_rms_norm(x, residual, self.weight, self.eps,
+                                          1.0 if scale is None else scale)
         h = residual + x
         out = self(h)
         return (out if scale is None else out * scale), h
+
+    def _cpu_fused(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """The C++ RMSNorm applies: CPU tensors of the weight's dtype, contiguous rows."""
+        return (self.kind == "rms" and x.device.type == "cpu" and x.dim() == 2
+                and x.dtype == self.weight.dtype and x.is_contiguous()
+                and (residual is None or (residual.dtype == x.dtype
+                                          and residual.is_contiguous()))
+                and layer_ops.compiled() is not None)
 
 
 class RMSNorm(_AddNorm, nn.Module):
@@ -38,6 +49,8 @@ class RMSNorm(_AddNorm, nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cpu_fused(x, None):
+            return layer_ops.add_rms_norm(x, None, self.weight, self.eps)[0]
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

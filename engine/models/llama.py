@@ -25,6 +25,7 @@ from torch import nn
 
 from engine.execution.attention_metadata import AttentionMetadata
 from engine.config import NORM_SCHEMES, ModelConfig
+from engine.kernels import layer_ops
 from engine.layers.attention import PagedAttention
 from engine.layers.norms import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
@@ -142,6 +143,11 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)           # [T, heads, d]
         k = k.view(-1, self.num_kv_heads, self.head_dim)        # [T, kv_heads, d]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if _fused_cpu(qkv, kv_cache, meta):
+            # RoPE in place on q and k inside qkv, and the cache write, in one C++ call.
+            layer_ops.rotary_store(qkv, *rope, *kv_cache, meta.slot_mapping, self.num_heads,
+                                   self.num_kv_heads)
+            return self.o_proj(self.attn(q, k, v, kv_cache, meta, stored=True))
         q, k = apply_rotary(q, k, rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
@@ -153,8 +159,22 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)       # 2 x [T, intermediate]
+        gate_up = self.gate_up_proj(x)                          # [T, 2 * intermediate]
+        if gate_up.device.type == "cpu" and gate_up.is_contiguous() \
+                and layer_ops.compiled() is not None:
+            return self.down_proj(layer_ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def _fused_cpu(qkv: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+               meta: AttentionMetadata) -> bool:
+    """The C++ RoPE + cache-store kernel applies: the CPU path (not the varlen batch), all
+    tensors of one dtype, contiguous."""
+    k_cache = kv_cache[0]
+    return (qkv.device.type == "cpu" and meta.varlen is None and qkv.is_contiguous()
+            and k_cache.dtype == qkv.dtype and k_cache.is_contiguous()
+            and meta.slot_mapping.dtype == torch.int64 and layer_ops.compiled() is not None)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from engine.kernels import backend, interpreted
-from engine.kernels.paged_attention.cpu import load_extension, paged_attention_cpu
+from engine.kernels.paged_attention.cpu import dense_heads, load_extension, paged_attention_cpu
 from engine.kernels.paged_attention.reference import (paged_attention_reference,
                                                       paged_decode_attention_reference)
 
@@ -59,7 +59,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Attention of one new token per sequence over its cached context.
 
     Args:
-        q: [num_seqs, num_heads, head_dim], contiguous.
+        q: [num_seqs, num_heads, head_dim] with dense heads (rows may be strided).
         k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous, q's dtype.
         block_tables: [num_seqs, max_blocks] int64; entries past a sequence's blocks are unused.
         context_lens: [num_seqs] int64, each >= 1 and <= max_blocks * block_size; the new
@@ -81,7 +81,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if ext is None or q.device.type != "cpu":
         return paged_decode_attention_reference(q, k_cache, v_cache, block_tables,
                                                 context_lens, scale)
-    return ext.paged_decode_attention(q.contiguous(), k_cache, v_cache,
+    return ext.paged_decode_attention(dense_heads(q), k_cache, v_cache,
                                       block_tables.contiguous(), context_lens.contiguous(),
                                       scale)
 

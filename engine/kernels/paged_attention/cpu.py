@@ -177,7 +177,10 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
-  auto out = torch::empty_like(q);
+  // q may be a view into the fused qkv projection output: rows q.stride(0) apart, heads dense.
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == head_dim, "q heads must be dense");
+  const int64_t q_row = q.stride(0);
+  auto out = torch::empty({num_seqs, num_heads, head_dim}, q.options());
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
@@ -189,7 +192,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / num_kv_heads, kh = i % num_kv_heads;
         const int64_t head0 = (b * num_heads + kh * group) * head_dim;
-        decode_item<scalar_t>(qp + head0, kp + kh * head_dim, vp + kh * head_dim,
+        decode_item<scalar_t>(qp + b * q_row + kh * group * head_dim, kp + kh * head_dim, vp + kh * head_dim,
                               tables + b * max_blocks, lens[b], block_size, num_kv_heads,
                               head_dim, group, static_cast<float>(scale), op + head0);
       }
@@ -206,6 +209,11 @@ def load_extension():
     return build("paged_attention_cpu", _SOURCE, ["paged_decode_attention"])
 
 
+def dense_heads(q):
+    """q itself when its heads are dense (rows may be strided views of a wider tensor)."""
+    return q if q.stride(2) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
+
+
 def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, q_starts, scale,
                         max_q_len, set_start=None, member_start=None):
     """The varlen op on CPU: the C++ decode kernel when every sequence has one unmasked query
@@ -215,7 +223,7 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, q_starts, s
 
     ext = load_extension()
     if max_q_len == 1 and set_start is None and ext is not None:
-        return ext.paged_decode_attention(q.contiguous(), k_cache, v_cache,
+        return ext.paged_decode_attention(dense_heads(q), k_cache, v_cache,
                                           block_tables.long().contiguous(),
                                           seq_lens.long().contiguous(), scale)
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]

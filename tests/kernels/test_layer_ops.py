@@ -1,0 +1,97 @@
+"""The C++ per-layer ops against the torch formulas of the Hugging Face Llama code they replace:
+bit for bit, in float32, bfloat16 and float16, on awkward widths (not a multiple of the vector
+length, long enough for ATen's cascaded sum) and extreme inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import layer_ops
+from engine.kernels.layer_ops.reference import (add_rms_norm_reference, rotary_store_reference,
+                                                silu_and_mul_reference)
+from engine.layers.rotary import RotaryEmbedding
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    ext = layer_ops.load_extension()
+    assert ext is not None, "the layer-ops kernel did not build on this machine"
+    return ext
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+    differ = actual.view(-1) != expected.view(-1)
+    assert not differ.any(), (f"{name}: {int(differ.sum())} of {differ.numel()} elements "
+                              f"differ, max {(actual.float() - expected.float()).abs().max():.3g}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [576, 2048, 100])
+@pytest.mark.parametrize("tokens", [1, 33])
+def test_add_rms_norm_is_bitwise_torch(ext, dtype, hidden, tokens):
+    torch.manual_seed(hidden + tokens)
+    x = (torch.randn(tokens, hidden) * torch.rand(tokens, 1) * 20).to(dtype)
+    residual = torch.randn(tokens, hidden).to(dtype)
+    weight = (torch.rand(hidden) + 0.5).to(dtype)
+    for res, scale in ((residual, 1.0), (None, 1.0), (residual, 0.5)):
+        out, h = ext.add_rms_norm(x, res, weight, 1e-5, scale)
+        ref_out, ref_h = add_rms_norm_reference(x, res, weight, 1e-5, scale)
+        assert_same_bits(h, ref_h, "h")
+        assert_same_bits(out, ref_out, f"norm residual={res is not None} scale={scale}")
+
+
+def test_add_rms_norm_under_one_vector_is_close(ext):
+    # Rows narrower than 8 floats take ATen's scalar path, whose order is not reproduced (no
+    # model is that narrow): equal to float rounding only.
+    x, weight = torch.randn(5, 7), torch.rand(7) + 0.5
+    out, _ = ext.add_rms_norm(x, None, weight, 1e-5, 1.0)
+    torch.testing.assert_close(out, add_rms_norm_reference(x, None, weight, 1e-5)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", [1536, 40, 9])
+def test_silu_and_mul_is_bitwise_torch(ext, dtype, width):
+    torch.manual_seed(width)
+    gate_up = torch.cat([torch.randn(8, 2 * width) * s for s in (0.01, 1.0, 8.0, 60.0)])
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -88.0])  # exp underflow / overflow
+    gate_up = gate_up.to(dtype)
+    assert_same_bits(ext.silu_and_mul(gate_up), silu_and_mul_reference(gate_up), "silu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 128), (2, 1, 24)])
+def test_rotary_store_is_bitwise_torch(ext, dtype, heads):
+    num_heads, num_kv_heads, d = heads
+    torch.manual_seed(d)
+    tokens, num_blocks, block_size = 70, 12, 16
+    qkv = (torch.randn(tokens, (num_heads + 2 * num_kv_heads) * d) * 3).to(dtype)
+    cos, sin = RotaryEmbedding(d, 8192, 10000.0).lookup(torch.randint(0, 8192, (tokens,)),
+                                                        dtype)
+    caches = [torch.full((num_blocks, block_size, num_kv_heads, d), float("nan"), dtype=dtype)
+              for _ in range(4)]
+    slots = torch.randperm(num_blocks * block_size)[:tokens]
+    expected = qkv.clone()
+    ext.rotary_store(qkv, cos, sin, caches[0], caches[1], slots, num_heads, num_kv_heads)
+    rotary_store_reference(expected, cos, sin, caches[2], caches[3], slots, num_heads,
+                           num_kv_heads)
+    assert_same_bits(qkv, expected, "rotated qkv")
+    for ours, theirs, name in ((caches[0], caches[2], "k"), (caches[1], caches[3], "v")):
+        written = ours.view(-1, num_kv_heads, d)[slots]
+        assert_same_bits(written, theirs.view(-1, num_kv_heads, d)[slots], f"{name} cache")
+        untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+        untouched[slots] = False
+        assert ours.view(-1, num_kv_heads, d)[untouched].isnan().all(), f"{name}: stray write"
+
+
+def test_rotary_store_rejects_slots_outside_the_cache(ext):
+    qkv = torch.randn(2, 5 * 8)
+    cos, sin = RotaryEmbedding(8, 64, 10000.0).lookup(torch.tensor([0, 1]), torch.float32)
+    cache = torch.zeros(1, 4, 1, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ext.rotary_store(qkv, cos, sin, cache, cache.clone(), torch.tensor([0, 4]), 3, 1)
+    with pytest.raises(ValueError, match="rotary_store"):
+        layer_ops.rotary_store(qkv, cos, sin, cache, cache.clone(), torch.tensor([0, 1]), 2, 1)
