@@ -16,6 +16,20 @@ import sys
 import warnings
 
 
+LOAD16 = r"""
+// 16 lanes of float32 from float32, bfloat16 (widened by a shift) or float16 (vcvtph2ps).
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+static inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+"""
+"""The AVX-512 load helpers the CPU kernels share (spliced inside their `__AVX512F__` blocks)."""
+
+
 def cpu_tag() -> str:
     """Names a build after the CPU's instruction sets: a `-march=native` binary cached for one
     CPU must never be loaded on another (it would die with SIGILL)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 
-from engine.kernels.cpp_build import build
+from engine.kernels.cpp_build import LOAD16, build
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -40,14 +40,9 @@ static inline float silu_f(float x) { return x / (1.f + std::exp(-x)); }
 
 #if defined(__AVX512F__)
 // ---- 16-lane forms: float32 registers, loads widen and `round_to` narrows like a store ----
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-static inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+"""
+_SOURCE += LOAD16
+_SOURCE += r"""
 static inline __m512i bf16_rne_bits(__m512 x) {  // round to nearest even, as c10 does
   const __m512i b = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from engine.kernels.cpp_build import build
+from engine.kernels.cpp_build import LOAD16, build
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -66,14 +66,9 @@ static void decode_one(const T* q, const T* k_cache, const T* v_cache, const int
 // AVX-512 path for head_dim = 16 * NV and group <= 8: K/V rows are loaded once per group as NV
 // float32 vectors (bfloat16 / half widened on load), the group's queries stay in registers,
 // softmax runs 16 scores at a time with a vector exp, and 1/sum is applied once at the end.
-static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-static inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-static inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+"""
+_SOURCE += LOAD16
+_SOURCE += r"""
 
 // exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
 // (relative error < 2e-7), times 2^n by scalef (which flushes very negative x to 0).
