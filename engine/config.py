@@ -5,6 +5,8 @@ A component's constructor takes only the sub-config it uses.
 
 from __future__ import annotations
 
+import functools
+
 import re
 
 import msgspec
@@ -13,6 +15,9 @@ from engine.loader import DEFAULT_MODEL
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 NORM_SCHEMES = ("pre", "lns", "mix_ln")
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU flags (/proc/cpuinfo) of bfloat16 matrix / dot-product instructions: AMX tiles on Intel
+Sapphire Rapids and later, AVX512-BF16 on Cooper Lake and AMD Zen 4 and later."""
 """Where a Llama-family decoder layer puts its RMSNorms (see `ModelConfig.norm_scheme`)."""
 
 
@@ -27,7 +32,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     dtype: str = "float32"
     """Weights and activations dtype. float32 is the parity reference; bfloat16 is faster on
     CPUs with AMX/AVX512-BF16 and on GPUs; float16 is for GPUs (slow on most CPUs); "auto" is
-    bfloat16 on a GPU and float32 on the CPU."""
+    bfloat16 on a GPU and on a CPU with native bfloat16 arithmetic (`cpu_has_native_bf16`),
+    else float32."""
     max_model_len: int | None = None
     """Longest prompt + output; defaults to the model's max_position_embeddings."""
     num_threads: int | None = None
@@ -68,7 +74,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if self.resolved_device.startswith("cuda") else "float32"
+        if self.resolved_device.startswith("cuda") or cpu_has_native_bf16():
+            return "bfloat16"
+        return "float32"
 
     def __post_init__(self) -> None:
         _require(self.dtype in _DTYPES, "dtype", self.dtype, f"must be one of {_DTYPES}")
@@ -139,3 +147,15 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Backend of constraints that name none: "llguidance" or "outlines"."""
     max_constraint_compile_s: float = 10.0
     """A constraint that takes longer to compile is refused (INVALID_ARGUMENT)."""
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware (see NATIVE_BF16_FLAGS); without it
+    oneDNN emulates bfloat16 and float32 is faster."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)

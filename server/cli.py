@@ -29,7 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF-format model directory or embedded model name (default: SmolLM2)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto (default): bfloat16 on a GPU, float32 on the CPU")
+                   help="auto (default): bfloat16 on a GPU or on a CPU with AMX / AVX512-BF16, "
+                        "else float32")
     p.add_argument("--device", default="auto",
                    help="auto (default: CUDA when a GPU is present, else the CPU), cpu, cuda "
                         "or cuda:N; on CUDA the attention, lightning-attention and add+norm "

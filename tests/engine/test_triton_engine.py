@@ -114,9 +114,14 @@ def test_device_and_dtype_flags(monkeypatch):
     from engine.config import ModelConfig
     from server.cli import build_parser, make_engine_config
 
+    import engine.config
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     auto = make_engine_config(build_parser().parse_args(["generate"])).model
+    monkeypatch.setattr(engine.config, "cpu_has_native_bf16", lambda: False)
     assert (auto.resolved_device, auto.resolved_dtype) == ("cpu", "float32")
+    monkeypatch.setattr(engine.config, "cpu_has_native_bf16", lambda: True)
+    assert (auto.resolved_device, auto.resolved_dtype) == ("cpu", "bfloat16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert (auto.resolved_device, auto.resolved_dtype) == ("cuda", "bfloat16")
     assert auto.cuda_graphs
