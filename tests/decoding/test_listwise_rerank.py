@@ -81,8 +81,10 @@ def test_cli_prints_the_ranking_as_json(engine, model_dir, tmp_path, capsys):
 
     path = tmp_path / "passages.jsonl"
     path.write_text("".join(json.dumps({"text": p}) + "\n" for p in PASSAGES))
+    # float32 like the in-process engine (the CLI's --dtype auto is bfloat16 on AMX /
+    # AVX512-BF16 CPUs).
     assert main(["rerank", "--model", str(model_dir), "--query", QUERY, "--passages-file",
-                 str(path), "--order-invariant", "--json"]) == 0
+                 str(path), "--order-invariant", "--json", "--dtype", "float32"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (expected,) = rerank(engine, [(QUERY, PASSAGES, True)])
     assert printed["ranking"] == expected.ranking

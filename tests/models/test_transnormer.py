@@ -472,7 +472,8 @@ def test_cli_generate_contrastive(tnl, prompt_ids, capsys):
     path, oracle = tnl
     assert main(["generate", "--model", str(path), "--prompt", PROMPTS[1], "--strategy",
                  "contrastive", "--top-k", "4", "--penalty-alpha", "0.6", "--ignore-eos",
-                 "--max-new-tokens", str(MAX_NEW), "--num-blocks", "8", "--json"]) == 0
+                 "--max-new-tokens", str(MAX_NEW), "--num-blocks", "8", "--json",
+                 "--dtype", "float32"]) == 0  # the oracle's dtype; auto may be bfloat16
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["token_ids"] == reference_contrastive(oracle, prompt_ids[1], 4, 0.6)
 
