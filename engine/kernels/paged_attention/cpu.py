@@ -102,8 +102,17 @@ static void decode_one_avx512(const T* q, const T* k_cache, const T* v_cache,
     for (int v = 0; v < NV; ++v)
       qv[g][v] = _mm512_mul_ps(load16(q + g * D + 16 * v), _mm512_set1_ps(scale));
   const int64_t row = num_kv_heads * D;
+  constexpr int64_t ahead = 8;  // tokens: software prefetch crosses the scattered blocks
+  auto address = [&](const T* cache, int64_t t) {
+    return cache + (table[t / block_size] * block_size + t % block_size) * row;
+  };
   for (int64_t t = 0; t < length; ++t) {
-    const T* kp = k_cache + (table[t / block_size] * block_size + t % block_size) * row;
+    const T* kp = address(k_cache, t);
+    if (t + ahead < length) {
+      const char* next = reinterpret_cast<const char*>(address(k_cache, t + ahead));
+      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64)
+        _mm_prefetch(next + b, _MM_HINT_T0);
+    }
     __m512 kv[NV];
     for (int v = 0; v < NV; ++v) kv[v] = load16(kp + 16 * v);
     for (int64_t g = 0; g < group; ++g) {
@@ -131,7 +140,12 @@ static void decode_one_avx512(const T* q, const T* k_cache, const T* v_cache,
   for (int64_t g = 0; g < group; ++g)
     for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
   for (int64_t t = 0; t < length; ++t) {
-    const T* vp = v_cache + (table[t / block_size] * block_size + t % block_size) * row;
+    const T* vp = address(v_cache, t);
+    if (t + ahead < length) {
+      const char* next = reinterpret_cast<const char*>(address(v_cache, t + ahead));
+      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64)
+        _mm_prefetch(next + b, _MM_HINT_T0);
+    }
     __m512 vv[NV];
     for (int v = 0; v < NV; ++v) vv[v] = load16(vp + 16 * v);
     for (int64_t g = 0; g < group; ++g) {
