@@ -6,7 +6,6 @@ A component's constructor takes only the sub-config it uses.
 from __future__ import annotations
 
 import functools
-
 import re
 
 import msgspec
@@ -15,10 +14,10 @@ from engine.loader import DEFAULT_MODEL
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 NORM_SCHEMES = ("pre", "lns", "mix_ln")
+"""Where a Llama-family decoder layer puts its RMSNorms (see `ModelConfig.norm_scheme`)."""
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 """CPU flags (/proc/cpuinfo) of bfloat16 matrix / dot-product instructions: AMX tiles on Intel
 Sapphire Rapids and later, AVX512-BF16 on Cooper Lake and AMD Zen 4 and later."""
-"""Where a Llama-family decoder layer puts its RMSNorms (see `ModelConfig.norm_scheme`)."""
 
 
 def _require(ok: bool, field: str, value, rule: str) -> None:

@@ -29,6 +29,31 @@ static inline __m512 load16(const c10::Half* p) {
 """
 """The AVX-512 load helpers the CPU kernels share (spliced inside their `__AVX512F__` blocks)."""
 
+EXP16 = r"""
+// exp(x) in the form of SLEEF's expf_u10 (ATen's Vectorized<float>::exp): x = q ln2 + s,
+// e^s = 1 + s + s^2 u(s) with a degree-5 u, times 2^q; 0 below -104, inf above 88.72.
+static inline __m512 exp16(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.442695040888963407359924681001892137f);
+  const __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 s = _mm512_fmadd_ps(q, _mm512_set1_ps(-0.693145751953125f), x);
+  s = _mm512_fmadd_ps(q, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+  __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+  u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+  u = _mm512_add_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+  u = _mm512_scalef_ps(u, q);
+  u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.f), _CMP_LT_OQ), u,
+                           _mm512_setzero_ps());
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(88.72283935546875f),
+                                                 _CMP_GT_OQ), u, _mm512_set1_ps(INFINITY));
+}
+"""
+"""16-lane exp shared by the CPU kernels (spliced inside their `__AVX512F__` blocks)."""
+
 
 def cpu_tag() -> str:
     """Names a build after the CPU's instruction sets: a `-march=native` binary cached for one

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 
-from engine.kernels.cpp_build import LOAD16, build
+from engine.kernels.cpp_build import EXP16, LOAD16, build
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -66,27 +66,14 @@ static void decode_one(const T* q, const T* k_cache, const T* v_cache, const int
 // AVX-512 path for head_dim = 16 * NV and group <= 8: K/V rows are loaded once per group as NV
 // float32 vectors (bfloat16 / half widened on load), the group's queries stay in registers,
 // softmax runs 16 scores at a time with a vector exp, and 1/sum is applied once at the end.
+// K/V rows are prefetched 8 tokens ahead: a sequence's blocks are scattered over the cache.
 """
 _SOURCE += LOAD16
 _SOURCE += r"""
 
-// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
-// (relative error < 2e-7), times 2^n by scalef (which flushes very negative x to 0).
-static inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+"""
+_SOURCE += EXP16
+_SOURCE += r"""
 
 template <typename T, int NV>
 static void decode_one_avx512(const T* q, const T* k_cache, const T* v_cache,
@@ -106,13 +93,15 @@ static void decode_one_avx512(const T* q, const T* k_cache, const T* v_cache,
   auto address = [&](const T* cache, int64_t t) {
     return cache + (table[t / block_size] * block_size + t % block_size) * row;
   };
+  auto prefetch = [&](const T* cache, int64_t t) {
+    if (t >= length) return;
+    const char* next = reinterpret_cast<const char*>(address(cache, t));
+    for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64)
+      _mm_prefetch(next + b, _MM_HINT_T0);
+  };
   for (int64_t t = 0; t < length; ++t) {
     const T* kp = address(k_cache, t);
-    if (t + ahead < length) {
-      const char* next = reinterpret_cast<const char*>(address(k_cache, t + ahead));
-      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64)
-        _mm_prefetch(next + b, _MM_HINT_T0);
-    }
+    prefetch(k_cache, t + ahead);
     __m512 kv[NV];
     for (int v = 0; v < NV; ++v) kv[v] = load16(kp + 16 * v);
     for (int64_t g = 0; g < group; ++g) {
@@ -130,7 +119,7 @@ static void decode_one_avx512(const T* q, const T* k_cache, const T* v_cache,
     const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t t = 0; t < padded; t += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + t), mx));
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + t), mx));
       _mm512_storeu_ps(sg + t, e);
       sum = _mm512_add_ps(sum, e);
     }
@@ -141,11 +130,7 @@ static void decode_one_avx512(const T* q, const T* k_cache, const T* v_cache,
     for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
   for (int64_t t = 0; t < length; ++t) {
     const T* vp = address(v_cache, t);
-    if (t + ahead < length) {
-      const char* next = reinterpret_cast<const char*>(address(v_cache, t + ahead));
-      for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64)
-        _mm_prefetch(next + b, _MM_HINT_T0);
-    }
+    prefetch(v_cache, t + ahead);
     __m512 vv[NV];
     for (int v = 0; v < NV; ++v) vv[v] = load16(vp + 16 * v);
     for (int64_t g = 0; g < group; ++g) {
@@ -201,8 +186,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
       for (int64_t i = begin; i < end; ++i) {
         const int64_t b = i / num_kv_heads, kh = i % num_kv_heads;
         const int64_t head0 = (b * num_heads + kh * group) * head_dim;
-        decode_item<scalar_t>(qp + b * q_row + kh * group * head_dim, kp + kh * head_dim, vp + kh * head_dim,
-                              tables + b * max_blocks, lens[b], block_size, num_kv_heads,
+        decode_item<scalar_t>(qp + b * q_row + kh * group * head_dim, kp + kh * head_dim,
+                              vp + kh * head_dim, tables + b * max_blocks, lens[b], block_size, num_kv_heads,
                               head_dim, group, static_cast<float>(scale), op + head0);
       }
     });
