@@ -42,7 +42,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     float32's weight bytes for memory-bound decode."""
     prepack_weights: bool = True
     """Reorder float32 / bfloat16 CPU linear weights once into oneDNN's blocked GEMM layout
-    (1.4-2x faster decode GEMMs; see engine/layers/packed_linear.py)."""
+    (faster decode GEMMs; see engine/layers/packed_linear.py)."""
     attention_backend: str = "auto"
     """"auto" uses the compiled paged decode kernel when it builds on this machine; "torch"
     forces the gather + scaled_dot_product_attention reference path."""
