@@ -229,6 +229,10 @@ class RequestStream:
         self.finished = item.finished
         return item
 
+    def has_ready(self) -> bool:
+        """Whether `__anext__` would return without waiting (an output is already queued)."""
+        return not self.finished and not self._out_q.empty()
+
     async def aclose(self) -> None:
         """Aborts the request unless it finished (idempotent)."""
         if not self.finished:

@@ -46,7 +46,8 @@ class GenerationServer:
         """`engine_future`: see `EngineClient` (None: the engine gets its own thread)."""
         self.config = config = config or ServerConfig()
         self.client = EngineClient(engine_config, on_engine_error=self._on_engine_error,
-                                   engine_future=engine_future)
+                                   engine_future=engine_future, cluster=config.cluster,
+                                   datastores=config.datastores)
         self.metrics = Metrics(lambda: self.client.front.load() if self.client.front else None)
         self.health = health.aio.HealthServicer()
         security = config.security
@@ -164,10 +165,13 @@ async def serve(engine_config: EngineConfig, config: ServerConfig, engine_future
 
 def run(engine_config: EngineConfig, config: ServerConfig) -> int:
     """Blocking entry point: gRPC on a uvloop thread; the engine is built and stepped on the
-    main thread (see `AsyncEngine`: torch CPU work must stay on one thread)."""
+    main thread (see `AsyncEngine`: torch CPU work must stay on one thread). With replicas,
+    there is no engine here: gRPC runs on the main thread."""
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if config.cluster.replicas:
+        return _run_front(engine_config, config)
     engine_future: concurrent.futures.Future = concurrent.futures.Future()
     handler: list = []
     failure: list[BaseException] = []
@@ -180,13 +184,7 @@ def run(engine_config: EngineConfig, config: ServerConfig) -> int:
         if engine_future.done() and engine_future.exception() is None:
             engine_future.result().shutdown()  # the main thread's loop returns
 
-    def on_signal(signum, _frame) -> None:
-        if not handler:
-            raise SystemExit(128 + signum)
-        handler[0](signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    _route_signals(handler)
     thread = threading.Thread(target=grpc_thread, name="polydecode-grpc", daemon=True)
     thread.start()
     try:
@@ -200,5 +198,31 @@ def run(engine_config: EngineConfig, config: ServerConfig) -> int:
     thread.join()
     if failure:
         log.error("server failed: %r", failure[0], exc_info=failure[0])
+        return 1
+    return 0
+
+
+def _route_signals(handler: list) -> None:
+    """SIGTERM / SIGINT go to the server's drain handler once `serve` has installed it."""
+
+    def on_signal(signum, _frame) -> None:
+        if not handler:
+            raise SystemExit(128 + signum)
+        handler[0](signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+def _run_front(engine_config: EngineConfig, config: ServerConfig) -> int:
+    """`run` with engine replicas: the event loop on the main thread, signals drain it."""
+    import uvloop
+
+    handler: list = []
+    _route_signals(handler)
+    try:
+        uvloop.run(serve(engine_config, config, None, handler.append))
+    except Exception as exc:  # noqa: BLE001
+        log.error("server failed: %r", exc, exc_info=exc)
         return 1
     return 0

@@ -185,6 +185,17 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datastore", action="append", default=[], metavar="NAME=DIR",
                    help="serve a kNN-LM datastore under NAME (repeatable); it must have been "
                         "built with the served model")
+    c = p.add_argument_group("engine replicas on Ray Serve (pip install polydecode[cluster])")
+    c.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="run N engine replicas on Ray Serve behind this server (default 0: the "
+                        "engine runs in this process and Ray is not used)")
+    c.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="the Ray cluster to deploy on (default: start a local one)")
+    c.add_argument("--routing", choices=("prefix", "load"), default="prefix",
+                   help="prefix: prompts sharing their first KV blocks go to the replica that "
+                        "served them last, the rest by load; load: by load only")
+    c.add_argument("--affinity-blocks", type=int, default=8,
+                   help="leading full KV blocks of a prompt that make its affinity key")
 
 
 def add_client_security_args(p: argparse.ArgumentParser) -> None:
@@ -299,7 +310,7 @@ def _generate_remote(args) -> int:
 def _serve(args) -> int:
     from server.app import run
     from server.auth import load_api_keys
-    from server.config import Limits, Security, ServerConfig
+    from server.config import Cluster, Limits, Security, ServerConfig
 
     from constraints.predicates import load_predicate
 
@@ -329,7 +340,11 @@ def _serve(args) -> int:
                 max_prompt_bytes=args.max_prompt_bytes, max_new_tokens=args.max_new_tokens,
                 max_stop_sequences=args.max_stop_sequences,
                 max_top_logprobs=args.max_top_logprobs, max_logit_bias=args.max_logit_bias),
-            datastores=_datastore_flags(args.datastore))
+            datastores=_datastore_flags(args.datastore),
+            cluster=Cluster(
+                replicas=args.replicas, ray_address=args.ray_address, routing=args.routing,
+                affinity_blocks=args.affinity_blocks, scorers=args.scorer,
+                predicates=args.predicate, plugins=args.plugin))
     except (OSError, ValueError) as exc:
         print(f"polydecode: invalid argument: {exc}", file=sys.stderr)
         return 2

@@ -69,6 +69,42 @@ class Security(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("api_keys: a key must not be empty")
 
 
+ROUTING_POLICIES = ("prefix", "load")
+
+
+class Cluster(msgspec.Struct, frozen=True, kw_only=True):
+    """Engine replicas on Ray Serve behind this server (`serve --replicas N`, see `cluster`)."""
+
+    replicas: int = 0
+    """0: the engine runs in this process (Ray is never imported)."""
+    ray_address: str | None = None
+    """"auto" or HOST:PORT of a running Ray cluster; None starts a local one."""
+    routing: str = "prefix"
+    """"prefix": prompts sharing their first `affinity_blocks` KV blocks go to the replica that
+    served that prefix last, unless it is `affinity_imbalance` requests busier than another;
+    other requests by load. "load": by load only (power of two choices)."""
+    affinity_blocks: int = 8
+    """Full KV blocks at the start of a prompt that make its affinity key (shorter prompts
+    have none and are routed by load)."""
+    affinity_imbalance: int = 4
+    max_ongoing_requests: int = 256
+    """Requests Serve sends one replica at a time; its engine queues them."""
+    app_name: str = "polydecode"
+    scorers: list[str] = []
+    """What every replica loads at start, as the flags spell them: `--scorer NAME=DIR`..."""
+    predicates: list[str] = []
+    """... `--predicate NAME=module:function`..."""
+    plugins: list[str] = []
+    """... and `--plugin MODULE`."""
+
+    def __post_init__(self) -> None:
+        if self.replicas < 0:
+            raise ValueError(f"replicas={self.replicas!r}: must be >= 0")
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"routing={self.routing!r}: must be one of {ROUTING_POLICIES}")
+        _positive(self, "affinity_blocks", "affinity_imbalance", "max_ongoing_requests")
+
+
 class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 50051
@@ -93,6 +129,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     datastores: dict[str, str] = {}
     """kNN-LM datastores: name (what requests send in `knn_lm.datastore`) -> directory. Opened
     read-only at start, shared by all requests; a store built with another model is refused."""
+    cluster: Cluster = msgspec.field(default_factory=Cluster)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

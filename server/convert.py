@@ -29,6 +29,7 @@ from retrieval import stores
 from server import prompts
 from server.config import Limits
 from server.errors import Unimplemented, proto_field
+from server.model_card import ModelCard
 from server.pb import pb
 
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -408,32 +409,31 @@ def _finish_reason(out: RequestOutput, sub: Submission, max_model_len: int,
     return pb.FINISH_TIME_LIMIT if time_limited else pb.FINISH_CANCELLED
 
 
-def model_info(engine, ctx: Context) -> pb.ModelInfo:
+def model_info(card: ModelCard, ctx: Context) -> pb.ModelInfo:
     """What the server runs: registered strategies, plug-in transforms and the kNN-LM
     datastores it opened included."""
-    cfg, limits = engine.config, ctx.limits
+    limits = ctx.limits
     return pb.ModelInfo(
-        model=cfg.model.model, family=engine.loaded.family,
+        model=card.model, family=card.family,
         max_context=ctx.max_model_len, vocab_size=ctx.vocab_size,
-        eos_token_ids=list(engine.tokenizer.eos_token_ids),
+        eos_token_ids=card.eos_token_ids,
         strategies=registry.strategy_names(),
         transforms=registry.transform_names(plugins_only=True),
         constraints=list(CONSTRAINT_KINDS),
-        constraint_backends=[engine.constraints.default_backend] + [
-            b for b in CONSTRAINT_BACKENDS if b != engine.constraints.default_backend],
+        constraint_backends=[card.default_constraint_backend] + [
+            b for b in CONSTRAINT_BACKENDS if b != card.default_constraint_backend],
         predicates=predicate_names(), scorers=scorer_names(),
         datastores=[pb.DatastoreInfo(name=name, keys=len(store), dim=store.meta.dim,
                                      index=store.kind)
                     for name, store in stores.open_datastores().items()],
-        dtype=cfg.model.resolved_dtype,
-        kv_block_size=0 if engine.loaded.memory == "state_slots" else cfg.cache.block_size,
+        dtype=card.dtype, kv_block_size=card.block_size,
         limits=pb.Limits(
             max_prompt_tokens=ctx.max_prompt_tokens, max_new_tokens=ctx.max_new_tokens,
             max_stop_sequences=limits.max_stop_sequences, max_stop_bytes=limits.max_stop_bytes,
             max_top_logprobs=limits.max_top_logprobs,
             max_parallel_members=limits.max_parallel_members,
-            max_queued_requests=cfg.scheduler.max_waiting_requests,
-            max_queued_prompt_tokens=cfg.scheduler.max_waiting_tokens,
+            max_queued_requests=card.max_queued_requests,
+            max_queued_prompt_tokens=card.max_queued_prompt_tokens,
             max_prompt_bytes=ctx.max_prompt_bytes, max_logit_bias=limits.max_logit_bias,
             max_stop_token_ids=limits.max_stop_token_ids,
             max_transforms=limits.max_transforms))

@@ -8,6 +8,10 @@ loop that abort the request; the stream then ends with the engine's final "abort
 Requests belong to the principal that submitted them. The id a client sees (its own, or one
 drawn for it) names the request within its principal only: the engine runs it under a fresh
 unguessable id, so no caller can abort, or learn of, another principal's request.
+
+The engine runs in this process (`AsyncEngine`), or, with `Cluster.replicas`, as engine
+replicas on Ray Serve (`cluster.replica_set.ReplicaSet`, the same submit / abort / load
+surface); then this process loads only the tokenizer.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ from collections.abc import Callable
 from engine.async_engine import AsyncEngine, RequestStream
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.loader import resolve_model_dir
 from engine.messages import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.errors import InvalidArgument
+from engine.tokenizer import Tokenizer
+from server.config import Cluster
 from server.convert import Submission
 from server.errors import Unavailable
+from server.model_card import ModelCard
 
 log = logging.getLogger("polydecode.server")
 
@@ -44,6 +52,8 @@ class Tracked:
         """(principal, the request id its client sees)."""
         self.req_id = owner[1]
         self.engine_id = stream.req_id
+        self.replica: str = getattr(stream, "replica", "")
+        """The engine replica that runs it ("" when the engine is in this process)."""
         self.num_prompt_tokens = stream.num_prompt_tokens
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
@@ -100,13 +110,21 @@ class EngineClient:
 
     def __init__(self, config: EngineConfig,
                  on_engine_error: Callable[[BaseException], None] | None = None,
-                 engine_future: concurrent.futures.Future | None = None) -> None:
+                 engine_future: concurrent.futures.Future | None = None,
+                 cluster: Cluster | None = None,
+                 datastores: dict[str, str] | None = None) -> None:
         """`engine_future`, if given, is resolved by another thread with an AsyncEngine whose
         loop that thread runs (the process's main thread, see `AsyncEngine`); otherwise the
-        engine is built on a worker thread and the AsyncEngine starts its own loop thread."""
+        engine is built on a worker thread and the AsyncEngine starts its own loop thread.
+        With `cluster.replicas`, replicas are deployed instead (each opens `datastores`)."""
         self.config = config
+        self.cluster = cluster or Cluster()
+        self._datastores = dict(datastores or {})
         self._engine_future = engine_future
-        self.front: AsyncEngine | None = None
+        self.front = None
+        """The AsyncEngine, or the ReplicaSet with `cluster.replicas`."""
+        self.card: ModelCard | None = None
+        self.tokenizer: Tokenizer | None = None
         self.ready = False
         self.draining = False
         self._on_engine_error = on_engine_error
@@ -115,14 +133,24 @@ class EngineClient:
         self._idle: asyncio.Event | None = None
 
     @property
+    def remote(self) -> bool:
+        return self.cluster.replicas > 0
+
+    @property
     def engine(self) -> Engine:
-        assert self.front is not None, "engine not loaded"
+        """The in-process engine (not with replicas: use `card` and `tokenizer`)."""
+        assert self.front is not None and not self.remote, "no engine in this process"
         return self.front.engine
 
     async def start(self, warmup: bool = True) -> None:
-        """Loads the model (off the event loop), then runs one short generation."""
+        """Loads the model (off the event loop), then runs one short generation; with
+        replicas, deploys them (each warms itself up) and loads the tokenizer."""
         self._idle = asyncio.Event()
         self._idle.set()
+        if self.remote:
+            await self._start_replicas()
+            self.ready = True
+            return
         if self._engine_future is not None:
             self.front = await asyncio.wrap_future(self._engine_future)
             self.front.on_error = self._on_engine_error
@@ -133,7 +161,22 @@ class EngineClient:
             params = SamplingParams(max_new_tokens=2, temperature=0.0)
             async for _ in self.front.generate(WARMUP_PROMPT, params, f"warmup-{uuid.uuid4()}"):
                 pass
+        self.card, self.tokenizer = ModelCard.of(self.engine), self.engine.tokenizer
         self.ready = True
+
+    async def _start_replicas(self) -> None:
+        from cluster.replica import ReplicaSetup
+        from cluster.replica_set import ReplicaSet
+
+        cluster = self.cluster
+        setup = ReplicaSetup(engine=self.config, datastores=self._datastores,
+                             scorers=cluster.scorers, predicates=cluster.predicates,
+                             plugins=cluster.plugins)
+        self.front = ReplicaSet(setup, cluster)
+        self.tokenizer = await asyncio.to_thread(
+            Tokenizer, resolve_model_dir(self.config.model.model))
+        await self.front.start()
+        self.card = self.front.card
 
     def check_accepting(self) -> None:
         if self.draining:
@@ -144,12 +187,12 @@ class EngineClient:
     async def compile_constraint(self, params: SamplingParams):
         """The compiled constraint of `params` (None without one); raises InvalidArgument
         for an invalid constraint or one that compiles past the time limit."""
-        if params.constraint is None:
+        if params.constraint is None or self.remote:  # a replica compiles its own
             return None
         return await self.engine.constraints.compile_async(params.constraint)
 
-    def submit(self, sub: Submission, principal: str,
-               deadline_s: float | None = None, compiled=None) -> Tracked:
+    async def submit(self, sub: Submission, principal: str,
+                     deadline_s: float | None = None, compiled=None) -> Tracked:
         """Admits a converted request of `principal` (raises InvalidArgument: its id is
         already running for that principal, ResourceExhausted, Unavailable); the caller must
         exhaust or close the returned stream."""
@@ -157,14 +200,33 @@ class EngineClient:
         owner = (principal, sub.request_id or secrets.token_hex(16))
         if owner in self._owned:
             raise InvalidArgument("request_id", f"{owner[1]!r} is already running")
-        stream = self.front.submit(sub.prompt, sub.params, secrets.token_hex(16),
-                                   captures=sub.captures, extra_key=sub.extra_key,
-                                   compiled=compiled)
+        if self.remote:
+            stream = await self.front.submit(sub.prompt, sub.params, captures=sub.captures,
+                                             extra_key=sub.extra_key)
+            if owner in self._owned:  # the same id was admitted while this one waited
+                await stream.aclose()
+                raise InvalidArgument("request_id", f"{owner[1]!r} is already running")
+        else:
+            stream = self.front.submit(sub.prompt, sub.params, secrets.token_hex(16),
+                                       captures=sub.captures, extra_key=sub.extra_key,
+                                       compiled=compiled)
         tracked = Tracked(self, sub, stream, owner)
         self._owned[owner] = tracked
         self._idle.clear()
         tracked.arm(deadline_s)
         return tracked
+
+    async def load(self) -> dict:
+        """Queue depths and KV usage; with replicas, asked of each now, with a `replicas`
+        list beside the totals."""
+        if self.front is None:
+            raise Unavailable("model is loading")
+        return await self.front.load_now() if self.remote else self.front.load()
+
+    async def score_remote(self, tracked: Tracked, hidden, labels):
+        """Listwise rerank scores of a request's captured LM-head input, computed by the
+        replica that ran it (this process has no LM head)."""
+        return await self.front.score(tracked._stream, hidden, labels)
 
     def _release(self, tracked: Tracked) -> None:
         if self._owned.get(tracked.owner) is tracked:

@@ -22,7 +22,7 @@ from server.auth import Principals
 from server.config import ServerConfig
 from server.engine_client import EngineClient, Tracked
 from reranking.listwise import score_hidden
-from server.errors import Cancelled, ResourceExhausted, Unavailable, abort_with, status_of
+from server.errors import Cancelled, ResourceExhausted, abort_with, status_of
 from server.metrics import Metrics, RequestTimer
 from server.pb import pb, pb_grpc
 
@@ -52,11 +52,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def prepare(self) -> None:
         """Builds the conversion context once the engine is loaded (reads the vocabulary: call
         it off the event loop)."""
-        engine = self.client.engine
+        card, tokenizer = self.client.card, self.client.tokenizer
         self._ctx = convert.Context(
-            tokenizer=engine.tokenizer, vocab_size=engine.vocab_size,
-            max_model_len=engine.max_model_len, limits=self.limits,
-            max_token_bytes=convert.longest_token_bytes(engine.tokenizer))
+            tokenizer=tokenizer, vocab_size=card.vocab_size,
+            max_model_len=card.max_model_len, limits=self.limits,
+            max_token_bytes=convert.longest_token_bytes(tokenizer))
 
     @property
     def ctx(self) -> convert.Context:
@@ -91,13 +91,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # A constraint compiles on the engine's worker, under its time limit; the loop (and
         # every other stream) goes on meanwhile.
         compiled = await self.client.compile_constraint(sub.params)
-        return self.client.submit(sub, self._principal(context), context.time_remaining(),
-                                  compiled)
+        return await self.client.submit(sub, self._principal(context),
+                                        context.time_remaining(), compiled)
 
     async def _events(self, tracked: Tracked):
         """Started, then the Delta/Finished events of one admitted request."""
         yield pb.GenerateEvent(started=pb.Started(request_id=tracked.req_id,
-                                                  prompt_tokens=tracked.num_prompt_tokens))
+                                                  prompt_tokens=tracked.num_prompt_tokens,
+                                                  replica=tracked.replica))
         timer, tokenizer = RequestTimer(self.metrics), self.ctx.tokenizer
         async for out in tracked:
             if out.new_token_ids:
@@ -163,7 +164,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self.client.check_accepting()
             sub, labels = await self._off_loop(convert.rerank_submission, request, self.ctx)
             hidden, final = None, None
-            tracked = self.client.submit(sub, self._principal(context), context.time_remaining())
+            tracked = await self.client.submit(sub, self._principal(context),
+                                               context.time_remaining())
             async with aclosing(tracked):
                 async for out in tracked:
                     if out.captures and "final_hidden" in out.captures:
@@ -171,7 +173,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     final = out
             if hidden is None:  # aborted (Abort, deadline, drain) before its prefill ran
                 raise Cancelled(f"request {tracked.req_id!r} ended before it was scored")
-            ranking = await self._off_loop(score_hidden, self.client.engine, hidden, labels)
+            if self.client.remote:
+                ranking = await self.client.score_remote(tracked, hidden, labels)
+            else:
+                ranking = await self._off_loop(score_hidden, self.client.engine, hidden, labels)
             return pb.RerankResponse(
                 request_id=tracked.req_id, ranking=ranking.ranking, scores=ranking.scores,
                 usage=pb.Usage(prompt_tokens=final.num_prompt_tokens,
@@ -195,15 +200,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context):
         try:
             self.client.check_accepting()
-            return convert.model_info(self.client.engine, self.ctx)
+            return convert.model_info(self.client.card, self.ctx)
         except Exception as exc:  # noqa: BLE001
             await abort_with(context, exc)
 
     async def GetLoad(self, request, context):
         try:
-            if self.client.front is None:
-                raise Unavailable("model is loading")
-            load = self.client.front.load()
-            return pb.Load(**load, draining=self.client.draining)
+            load = await self.client.load()
+            replicas = [pb.ReplicaLoad(**r) for r in load.pop("replicas", ())]
+            return pb.Load(**load, draining=self.client.draining, replicas=replicas)
         except Exception as exc:  # noqa: BLE001
             await abort_with(context, exc)

@@ -112,7 +112,8 @@ class GenerationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetLoad(self, request, context):
-        """Queue depths and KV usage, for load balancers and tests.
+        """Queue depths and KV usage, for load balancers and tests: totals, and per engine replica
+        when the server fronts several (serve --replicas).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,253 @@
+"""The front's handle on the engine replicas: deploy, submit, abort, load, score, shut down.
+
+It offers what the server's `EngineClient` uses of the in-process `AsyncEngine` (submit
+returning a stream of `RequestOutput`s, abort by engine request id, load), so the request path
+above it is the same in both modes. Failures of the remote side become the server's error
+types: an error a replica raised at admission is re-raised as itself (InvalidArgument,
+NotFound, ResourceExhausted); a replica that dies or cannot be reached ends its streams with
+`Unavailable` at once, never a hang (Ray reports a dead actor to every open call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+from collections import deque
+
+import msgspec
+import ray
+from ray import serve
+from ray.exceptions import RayError, RayTaskError
+from ray.serve.config import RequestRouterConfig
+
+from cluster.replica import Accepted, EngineReplica, ReplicaSetup
+from cluster import live_replica_ids
+from cluster.router import PrefixAffinityRouter
+from engine.core.prefix_hash import hash_full_blocks
+from engine.messages import RequestOutput
+from server.config import Cluster
+from server.errors import Unavailable
+from server.model_card import ModelCard
+
+log = logging.getLogger("polydecode.cluster")
+
+_LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_total", "num_preemptions")
+_CALL_TIMEOUT_S = 10.0
+"""Pinned calls (load, abort, score) that take longer than this count as a lost replica."""
+
+
+def remote_error(exc: BaseException, replica: str | None) -> BaseException:
+    """The server-side error for an exception out of a replica call."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, Exception) \
+            and not isinstance(exc.cause, RayError):
+        return exc.cause  # raised by our code on the replica: InvalidArgument etc.
+    where = f"engine replica {replica}" if replica else "engine replicas"
+    if isinstance(exc, (RayError, asyncio.TimeoutError)):
+        return Unavailable(f"{where} unavailable: {type(exc).__name__}")
+    return exc
+
+
+class RemoteStream:
+    """The outputs of one request on one replica (the `RequestStream` surface)."""
+
+    def __init__(self, owner: ReplicaSet, response, accepted: Accepted) -> None:
+        self.req_id = accepted.req_id
+        self.num_prompt_tokens = accepted.num_prompt_tokens
+        self.replica = accepted.replica
+        self.finished = False
+        self._owner = owner
+        self._response = response
+        self._ready: deque[RequestOutput] = deque()
+
+    def __aiter__(self) -> RemoteStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if not self._ready:
+            if self.finished:
+                raise StopAsyncIteration
+            try:
+                self._ready.extend(await self._response.__anext__())
+            except StopAsyncIteration:
+                self._end()
+                raise Unavailable(f"engine replica {self.replica} ended request "
+                                  f"{self.req_id} without a final output") from None
+            except Exception as exc:  # noqa: BLE001 - mapped to the server's error types
+                self._end()
+                raise remote_error(exc, self.replica) from exc
+        out = self._ready.popleft()
+        if out.finished:
+            self._end()
+        return out
+
+    def _end(self) -> None:
+        self.finished = True
+        self._owner._streams.pop(self.req_id, None)
+
+    async def aclose(self) -> None:
+        """Cancels the remote call unless it finished: the replica aborts the request."""
+        if not self.finished:
+            self._end()
+            self._response.cancel()
+
+
+class ReplicaSet:
+    """N engine replicas deployed with Ray Serve; see the module docstring."""
+
+    def __init__(self, setup: ReplicaSetup, cluster: Cluster) -> None:
+        model = setup.engine.model
+        if model.num_threads is None and cluster.ray_address is None:
+            # A local cluster shares this machine's cores: one slice per replica, not every
+            # replica's torch spinning a thread per core.
+            threads = max(1, (os.cpu_count() or 1) // cluster.replicas)
+            engine = msgspec.structs.replace(
+                setup.engine, model=msgspec.structs.replace(model, num_threads=threads))
+            setup = msgspec.structs.replace(setup, engine=engine)
+        self.setup = setup
+        self.cluster = cluster
+        self.card: ModelCard | None = None
+        self.on_error = None
+        """Kept for the AsyncEngine surface: a replica's failure is Serve's to handle."""
+        self._handle = None
+        self._streams: dict[str, RemoteStream] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._last_load: dict = {}
+        self._admin = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="polydecode-ray")
+        """Runs Ray's blocking calls (init, deploy, delete). One long-lived thread: a local
+        cluster's processes die with the thread that started them (Ray sets PDEATHSIG)."""
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connects to (or starts) Ray, deploys the replicas and waits until all are up."""
+        loop = asyncio.get_running_loop()
+        self._handle = await loop.run_in_executor(self._admin, self._deploy)
+        _, self.card = await self._handle.describe.remote()
+
+    def _deploy(self):
+        if not ray.is_initialized():
+            local = self.cluster.ray_address is None
+            ray.init(address=self.cluster.ray_address, namespace="polydecode",
+                     include_dashboard=False, logging_level=logging.WARNING,
+                     num_cpus=max(os.cpu_count() or 1, self._replica_cpus() *
+                                  self.cluster.replicas) if local else None,
+                     object_store_memory=(256 << 20) if local else None)
+        serve.start(proxy_location="Disabled")
+        deployment = serve.deployment(EngineReplica).options(
+            name="EngineReplica", num_replicas=self.cluster.replicas,
+            max_ongoing_requests=self.cluster.max_ongoing_requests,
+            ray_actor_options={"num_cpus": self._replica_cpus(), "num_gpus": self._replica_gpus()},
+            health_check_period_s=2.0, health_check_timeout_s=30.0,
+            logging_config={"log_level": "WARNING", "enable_access_log": False},
+            request_router_config=RequestRouterConfig(
+                request_router_class=PrefixAffinityRouter,
+                request_router_kwargs={"affinity": self.cluster.routing == "prefix",
+                                       "imbalance": self.cluster.affinity_imbalance}))
+        log.info("deploying %d engine replicas (%s routing)", self.cluster.replicas,
+                 self.cluster.routing)
+        return serve.run(deployment.bind(self.setup), name=self.cluster.app_name,
+                         route_prefix=None)
+
+    def _replica_cpus(self) -> float:
+        return float(self.setup.engine.model.num_threads or 1)
+
+    def _replica_gpus(self) -> float:
+        return 1.0 if self.setup.engine.model.device.startswith("cuda") else 0.0
+
+    def shutdown(self) -> None:
+        """Deletes the deployment (each replica shuts its engine down); stops Ray too when
+        this process started it."""
+        self._admin.submit(self._undeploy).result()
+        self._admin.shutdown()
+
+    def _undeploy(self) -> None:
+        try:
+            if ray.is_initialized():
+                serve.delete(self.cluster.app_name)
+                if self.cluster.ray_address is None:
+                    serve.shutdown()
+                    ray.shutdown()
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.warning("replica shutdown: %r", exc)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def submit(self, prompt, params, captures=(), extra_key=None) -> RemoteStream:
+        """Admits a request on a replica chosen by the router; raises what the replica's
+        admission raised, or Unavailable."""
+        response = self._handle.options(stream=True).generate.remote(
+            prompt, params, captures=tuple(captures), extra_key=extra_key,
+            prefix_key=self.prefix_key(prompt, extra_key))
+        try:
+            accepted = await response.__anext__()
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise remote_error(exc, None) from exc
+        stream = RemoteStream(self, response, accepted)
+        self._streams[stream.req_id] = stream
+        return stream
+
+    def prefix_key(self, prompt, extra_key) -> int | None:
+        """The engine's chained hash of the prompt's first `affinity_blocks` full KV blocks
+        (what its prefix cache would look up); None for a shorter prompt, a structured one
+        (parallel sets) or a model without a block prefix cache."""
+        blocks = self.cluster.affinity_blocks
+        if not isinstance(prompt, list) or not self.card.prefix_caching \
+                or len(prompt) < blocks * self.card.block_size:
+            return None
+        return hash_full_blocks(prompt, self.card.block_size, extra_key, num_blocks=blocks)[-1]
+
+    def abort(self, req_id: str) -> bool:
+        """Aborts a streaming request on the replica that runs it (thread-safe only from the
+        front's event loop); its stream then ends with finish_reason "abort"."""
+        stream = self._streams.get(req_id)
+        if stream is None:
+            return False
+        self._spawn(self._call("abort", stream.replica, req_id))
+        return True
+
+    def abort_all(self) -> int:
+        req_ids = list(self._streams)
+        return sum(self.abort(r) for r in req_ids)
+
+    async def score(self, stream: RemoteStream, hidden, labels: list[int]):
+        return await self._call("score", stream.replica, hidden, list(labels))
+
+    async def _call(self, method: str, replica: str, *args):
+        try:
+            return await asyncio.wait_for(
+                getattr(self._handle, method).remote(*args, replica=replica), _CALL_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001
+            raise remote_error(exc, replica) from exc
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("replica call failed: %r", task.exception())
+
+    # ---- load --------------------------------------------------------------------------------
+
+    async def load_now(self) -> dict:
+        """Totals plus a `replicas` list, asked of every live replica now (a replica that does
+        not answer in time is left out)."""
+        replicas = live_replica_ids(self.cluster.app_name)
+        answers = await asyncio.gather(*(self._call("load", r) for r in replicas),
+                                       return_exceptions=True)
+        per_replica = {a["replica"]: a for a in answers if isinstance(a, dict)}
+        load = {f: sum(a[f] for a in per_replica.values()) for f in _LOAD_FIELDS}
+        load["replicas"] = [per_replica[r] for r in sorted(per_replica)]
+        self._last_load = load
+        return load
+
+    def load(self) -> dict:
+        """The last `load_now` answer (what the metrics endpoint reads without waiting)."""
+        return {f: self._last_load.get(f, 0) for f in _LOAD_FIELDS}
