@@ -11,8 +11,10 @@ replicas; Serve takes the least loaded replica of the first rank that accepts th
    blocks, computed by the front) goes to the replica that was last sent that prefix, where its
    blocks are likely still cached, unless that replica has `imbalance` more requests in flight
    than the least loaded other one; then load decides, and the prefix moves with the request.
-3. Everything else: power of two choices (two random replicas, the shorter queue wins), Serve's
-   default policy.
+3. Everything else: Serve's default policy, power of two choices (two random replicas, the
+   shorter queue wins), first among replicas on the front's node, then its zone, then all.
+   Not Serve's FIFO matching: a replica found for one request serves that request, never an
+   older one, or pinned and affine choices would be handed to other requests.
 
 Routers register themselves in `cluster.ROUTERS` (one per deployment handle, in the caller's
 process), so the front can list live replicas for `GetLoad` without asking the controller.
@@ -23,12 +25,13 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import (LocalityMixin, PendingRequest, ReplicaID, RequestRouter,
+                                      RunningReplica)
 
 import cluster
 
 
-class PrefixAffinityRouter(RequestRouter):
+class PrefixAffinityRouter(LocalityMixin, RequestRouter):
     """See the module docstring. `request_router_kwargs`: affinity (bool), imbalance (int),
     max_prefixes (int, the LRU map's size)."""
 
@@ -54,8 +57,8 @@ class PrefixAffinityRouter(RequestRouter):
             owner = self._owner_if_not_busy(key, candidate_replicas)
             if owner is not None:
                 rest = [r for r in candidate_replicas if r is not owner]
-                return [[owner], self._two_choices(rest)] if rest else [[owner]]
-        return [self._two_choices(candidate_replicas)]
+                return [[owner], self._two_choices(rest, pending_request)] if rest else [[owner]]
+        return [self._two_choices(candidate_replicas, pending_request)]
 
     def _owner_if_not_busy(self, key: int,
                            candidates: list[RunningReplica]) -> RunningReplica | None:
@@ -70,9 +73,11 @@ class PrefixAffinityRouter(RequestRouter):
             return None
         return owner
 
-    @staticmethod
-    def _two_choices(candidates: list[RunningReplica]) -> list[RunningReplica]:
-        return random.sample(candidates, min(2, len(candidates)))
+    def _two_choices(self, candidates: list[RunningReplica],
+                     pending_request: PendingRequest | None) -> list[RunningReplica]:
+        local = self.apply_locality_routing(pending_request)
+        pool = [r for r in candidates if r.replica_id in local] or candidates
+        return random.sample(pool, min(2, len(pool)))
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result) -> None:
