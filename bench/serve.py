@@ -20,6 +20,7 @@ sets the TTFT target: TTFT p99 at concurrency 8 within 2x of it.
     python bench/serve.py [--server HOST:PORT] [--concurrency 1,8,32] [--num-prompts N]
                           [--max-new-tokens 64] [--threads 2] [--dtype float32]
                           [--skip-offline] [--plot] [--tls-ca PEM] [--api-key KEY]
+    python bench/serve.py --replicas 2   # Ray Serve routing overhead and prefix affinity
 
 Without `--server` it starts `python -m server serve` on a free local port, waits for the
 readiness health check, and stops it with SIGTERM at the end. Prints one JSON line on stdout;
@@ -445,7 +446,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server", default=None, help="HOST:PORT of a running server "
                     "(default: start one on a free local port)")
-    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    ap.add_argument("--concurrency", default=None,
+                    help="comma-separated levels (default 1,8,32; with --replicas 1,8)")
     ap.add_argument("--num-prompts", type=int, default=None,
                     help="prompts per level (default: max(4, 3 x concurrency))")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -462,8 +464,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--startup-timeout", type=float, default=300.0, help="seconds")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     ap.add_argument("--plot", action="store_true", help="write bench/results/serve.png")
+    ap.add_argument("--replicas", type=int, default=0,
+                    help="compare `serve --replicas N` (Ray Serve) with the direct server; "
+                         "see bench/serve_replicas.py")
+    ap.add_argument("--affinity-prefixes", type=int, default=16,
+                    help="with --replicas: distinct 512-token prefixes in the affinity probe")
+    ap.add_argument("--affinity-rounds", type=int, default=3,
+                    help="with --replicas: visits of each prefix")
     add_client_security_args(ap)  # for --server: a secured server's TLS and API key
     args = ap.parse_args(argv)
+    if args.concurrency is None:
+        args.concurrency = "1,8" if args.replicas else "1,8,32"
     args.levels = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
     if not args.levels or min(args.levels) < 1:
         ap.error("--concurrency: give positive integers, e.g. 1,8,32")
@@ -472,6 +483,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replicas:
+        from bench.serve_replicas import run
+
+        return run(args)
     levels = [(c, random_prompts(args.num_prompts or max(4, 3 * c), THROUGHPUT["min_len"],
                                  THROUGHPUT["max_len"])) for c in args.levels]
     max_num_seqs = args.max_num_seqs or max(args.levels)

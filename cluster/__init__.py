@@ -2,7 +2,7 @@
 
 - `replica.EngineReplica`: the Serve deployment; each replica is one Engine in its own process,
   streaming its outputs back through a streaming deployment handle.
-- `router.PrefixAffinityRouter`: Serve's request router for it: pinned calls (abort, load,
+- `router.PrefixAffinityRouter`: Serve's request router for it: pinned calls (load,
   scoring) reach the replica that holds the request; prompts sharing their first KV blocks go
   to the replica that served that prefix last, unless it is busier than the rest.
 - `replica_set.ReplicaSet`: the front's side, with the submit / abort / load surface the

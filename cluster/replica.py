@@ -9,9 +9,11 @@ own and steps it there (`AsyncEngine.run_forever`, one torch thread for the proc
 `generate` is a streaming method: its first item is `Accepted` (the engine's request id, the
 prompt's token count and this replica's id, which the front uses to pin later calls), then
 lists of `RequestOutput`, all that were ready each time (one Ray object per list, not per
-token). Admission errors (InvalidArgument, NotFound, ResourceExhausted) are raised before
-`Accepted`. When the front cancels the call (its client left), the generator is closed and the
-request aborted, which frees its KV blocks.
+token). A request the engine refuses (InvalidArgument, NotFound, ResourceExhausted: the
+client's doing, not the replica's) streams one `Rejected` instead, which the front re-raises;
+raising it here would log it as a replica failure. When the front cancels the call (its
+client left, or `Abort`), the generator is closed and the request aborted, which frees its KV
+blocks.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ray import serve
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.errors import InvalidArgument, NotFound, ResourceExhausted
 from engine.sampling_params import SamplingParams
 
 WARMUP_PROMPT = "Hello"
@@ -54,6 +57,12 @@ class Accepted(msgspec.Struct, frozen=True, gc=False):
     req_id: str
     num_prompt_tokens: int
     replica: str
+
+
+class Rejected(msgspec.Struct, frozen=True):
+    """The only item of a replica's stream when its engine refused the request."""
+
+    error: Exception
 
 
 def register(setup: ReplicaSetup) -> None:
@@ -110,11 +119,15 @@ class EngineReplica:
     async def generate(self, prompt, params: SamplingParams, captures: Sequence[str] = (),
                        extra_key=None, prefix_key: int | None = None):
         """Streams `Accepted`, then lists of outputs; `prefix_key` is the router's."""
-        compiled = None
-        if params.constraint is not None:
-            compiled = await self.front.engine.constraints.compile_async(params.constraint)
-        stream = self.front.submit(prompt, params, secrets.token_hex(16), captures=captures,
-                                   extra_key=extra_key, compiled=compiled)
+        try:
+            compiled = None
+            if params.constraint is not None:
+                compiled = await self.front.engine.constraints.compile_async(params.constraint)
+            stream = self.front.submit(prompt, params, secrets.token_hex(16), captures=captures,
+                                       extra_key=extra_key, compiled=compiled)
+        except (InvalidArgument, NotFound, ResourceExhausted) as exc:
+            yield Rejected(exc)
+            return
         try:
             yield Accepted(stream.req_id, stream.num_prompt_tokens, self.replica)
             async for out in stream:
@@ -124,10 +137,6 @@ class EngineReplica:
                 yield batch
         finally:
             await stream.aclose()
-
-    def abort(self, req_id: str, replica: str | None = None) -> bool:
-        """Aborts a request this replica runs (its stream ends with finish_reason "abort")."""
-        return self.front.abort(req_id)
 
     def load(self, replica: str | None = None) -> dict:
         return {"replica": self.replica, **self.front.load()}

@@ -3,7 +3,7 @@
 It offers what the server's `EngineClient` uses of the in-process `AsyncEngine` (submit
 returning a stream of `RequestOutput`s, abort by engine request id, load), so the request path
 above it is the same in both modes. Failures of the remote side become the server's error
-types: an error a replica raised at admission is re-raised as itself (InvalidArgument,
+types: a request a replica refused at admission raises its error here (InvalidArgument,
 NotFound, ResourceExhausted); a replica that dies or cannot be reached ends its streams with
 `Unavailable` at once, never a hang (Ray reports a dead actor to every open call).
 """
@@ -22,7 +22,7 @@ from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.config import RequestRouterConfig
 
-from cluster.replica import Accepted, EngineReplica, ReplicaSetup
+from cluster.replica import Accepted, EngineReplica, Rejected, ReplicaSetup
 from cluster import live_replica_ids
 from cluster.router import PrefixAffinityRouter
 from engine.core.prefix_hash import hash_full_blocks
@@ -50,7 +50,14 @@ def remote_error(exc: BaseException, replica: str | None) -> BaseException:
 
 
 class RemoteStream:
-    """The outputs of one request on one replica (the `RequestStream` surface)."""
+    """The outputs of one request on one replica (the `RequestStream` surface).
+
+    `abort` cancels the remote call (Ray delivers the cancellation to the replica actor
+    directly, even while Serve is stopping that replica and routes nothing new to it); the
+    replica's generator is closed, which aborts the request and frees its KV blocks. The
+    stream then ends with a final output made here: finish_reason "abort" and the counts of
+    the last output the replica sent.
+    """
 
     def __init__(self, owner: ReplicaSet, response, accepted: Accepted) -> None:
         self.req_id = accepted.req_id
@@ -60,6 +67,8 @@ class RemoteStream:
         self._owner = owner
         self._response = response
         self._ready: deque[RequestOutput] = deque()
+        self._last: RequestOutput | None = None
+        self._aborted = False
 
     def __aiter__(self) -> RemoteStream:
         return self
@@ -68,19 +77,43 @@ class RemoteStream:
         if not self._ready:
             if self.finished:
                 raise StopAsyncIteration
+            if self._aborted:
+                return self._abort_output()
             try:
                 self._ready.extend(await self._response.__anext__())
             except StopAsyncIteration:
                 self._end()
                 raise Unavailable(f"engine replica {self.replica} ended request "
                                   f"{self.req_id} without a final output") from None
-            except Exception as exc:  # noqa: BLE001 - mapped to the server's error types
+            except (Exception, asyncio.CancelledError) as exc:
+                if self._aborted and not _cancelling():
+                    return self._abort_output()
                 self._end()
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 raise remote_error(exc, self.replica) from exc
-        out = self._ready.popleft()
+        out = self._last = self._ready.popleft()
         if out.finished:
             self._end()
         return out
+
+    def abort(self) -> bool:
+        if self.finished or self._aborted:
+            return False
+        self._aborted = True
+        self._response.cancel()
+        return True
+
+    def _abort_output(self) -> RequestOutput:
+        last = self._last
+        self._end()
+        return RequestOutput(
+            req_id=self.req_id, new_token_ids=[], new_text="", finished=True,
+            finish_reason="abort", num_prompt_tokens=self.num_prompt_tokens,
+            num_output_tokens=last.num_output_tokens if last else 0,
+            num_cached_tokens=last.num_cached_tokens if last else 0,
+            num_forward_tokens=last.num_forward_tokens if last else 0,
+            queue_time=last.queue_time if last else None)
 
     def _end(self) -> None:
         self.finished = True
@@ -90,15 +123,45 @@ class RemoteStream:
         """Cancels the remote call unless it finished: the replica aborts the request."""
         if not self.finished:
             self._end()
-            self._response.cancel()
+            if not self._aborted:
+                self._response.cancel()
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (not just the remote call)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def replica_cpus(setup: ReplicaSetup) -> float:
+    return float(setup.engine.model.num_threads or 1)
+
+
+def engine_deployment(setup: ReplicaSetup, cluster: Cluster, shutdown_timeout_s: float = 20.0):
+    """The `EngineReplica` Serve deployment with the options `cluster` asks for. A replica
+    Serve stops serves its requests for up to `shutdown_timeout_s` more."""
+    gpus = 1.0 if setup.engine.model.device.startswith("cuda") else 0.0
+    return serve.deployment(EngineReplica).options(
+        name="EngineReplica", num_replicas=cluster.replicas,
+        max_ongoing_requests=cluster.max_ongoing_requests,
+        ray_actor_options={"num_cpus": replica_cpus(setup), "num_gpus": gpus},
+        health_check_period_s=2.0, health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=shutdown_timeout_s,
+        logging_config={"log_level": "WARNING", "enable_access_log": False},
+        request_router_config=RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter,
+            request_router_kwargs={"affinity": cluster.routing == "prefix",
+                                   "imbalance": cluster.affinity_imbalance}))
 
 
 class ReplicaSet:
-    """N engine replicas deployed with Ray Serve; see the module docstring."""
+    """N engine replicas deployed with Ray Serve; see the module docstring. Given `handle`
+    (the deployment's, when the whole server is one Serve application: `cluster.app`), it
+    uses those replicas and neither deploys nor deletes them."""
 
-    def __init__(self, setup: ReplicaSetup, cluster: Cluster) -> None:
+    def __init__(self, setup: ReplicaSetup, cluster: Cluster, handle=None) -> None:
         model = setup.engine.model
-        if model.num_threads is None and cluster.ray_address is None:
+        if model.num_threads is None and cluster.ray_address is None and handle is None:
             # A local cluster shares this machine's cores: one slice per replica, not every
             # replica's torch spinning a thread per core.
             threads = max(1, (os.cpu_count() or 1) // cluster.replicas)
@@ -110,9 +173,9 @@ class ReplicaSet:
         self.card: ModelCard | None = None
         self.on_error = None
         """Kept for the AsyncEngine surface: a replica's failure is Serve's to handle."""
-        self._handle = None
+        self._handle = handle
+        self._attached = handle is not None
         self._streams: dict[str, RemoteStream] = {}
-        self._tasks: set[asyncio.Task] = set()
         self._last_load: dict = {}
         self._admin = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="polydecode-ray")
         """Runs Ray's blocking calls (init, deploy, delete). One long-lived thread: a local
@@ -122,8 +185,9 @@ class ReplicaSet:
 
     async def start(self) -> None:
         """Connects to (or starts) Ray, deploys the replicas and waits until all are up."""
-        loop = asyncio.get_running_loop()
-        self._handle = await loop.run_in_executor(self._admin, self._deploy)
+        if not self._attached:
+            loop = asyncio.get_running_loop()
+            self._handle = await loop.run_in_executor(self._admin, self._deploy)
         _, self.card = await self._handle.describe.remote()
 
     def _deploy(self):
@@ -131,35 +195,20 @@ class ReplicaSet:
             local = self.cluster.ray_address is None
             ray.init(address=self.cluster.ray_address, namespace="polydecode",
                      include_dashboard=False, logging_level=logging.WARNING,
-                     num_cpus=max(os.cpu_count() or 1, self._replica_cpus() *
+                     num_cpus=max(os.cpu_count() or 1, replica_cpus(self.setup) *
                                   self.cluster.replicas) if local else None,
                      object_store_memory=(256 << 20) if local else None)
         serve.start(proxy_location="Disabled")
-        deployment = serve.deployment(EngineReplica).options(
-            name="EngineReplica", num_replicas=self.cluster.replicas,
-            max_ongoing_requests=self.cluster.max_ongoing_requests,
-            ray_actor_options={"num_cpus": self._replica_cpus(), "num_gpus": self._replica_gpus()},
-            health_check_period_s=2.0, health_check_timeout_s=30.0,
-            logging_config={"log_level": "WARNING", "enable_access_log": False},
-            request_router_config=RequestRouterConfig(
-                request_router_class=PrefixAffinityRouter,
-                request_router_kwargs={"affinity": self.cluster.routing == "prefix",
-                                       "imbalance": self.cluster.affinity_imbalance}))
         log.info("deploying %d engine replicas (%s routing)", self.cluster.replicas,
                  self.cluster.routing)
-        return serve.run(deployment.bind(self.setup), name=self.cluster.app_name,
-                         route_prefix=None)
-
-    def _replica_cpus(self) -> float:
-        return float(self.setup.engine.model.num_threads or 1)
-
-    def _replica_gpus(self) -> float:
-        return 1.0 if self.setup.engine.model.device.startswith("cuda") else 0.0
+        return serve.run(engine_deployment(self.setup, self.cluster).bind(self.setup),
+                         name=self.cluster.app_name, route_prefix=None)
 
     def shutdown(self) -> None:
         """Deletes the deployment (each replica shuts its engine down); stops Ray too when
         this process started it."""
-        self._admin.submit(self._undeploy).result()
+        if not self._attached:
+            self._admin.submit(self._undeploy).result()
         self._admin.shutdown()
 
     def _undeploy(self) -> None:
@@ -187,6 +236,8 @@ class ReplicaSet:
             raise
         except Exception as exc:  # noqa: BLE001
             raise remote_error(exc, None) from exc
+        if isinstance(accepted, Rejected):
+            raise accepted.error
         stream = RemoteStream(self, response, accepted)
         self._streams[stream.req_id] = stream
         return stream
@@ -202,13 +253,9 @@ class ReplicaSet:
         return hash_full_blocks(prompt, self.card.block_size, extra_key, num_blocks=blocks)[-1]
 
     def abort(self, req_id: str) -> bool:
-        """Aborts a streaming request on the replica that runs it (thread-safe only from the
-        front's event loop); its stream then ends with finish_reason "abort"."""
+        """Aborts a request (only from the front's event loop): see `RemoteStream`."""
         stream = self._streams.get(req_id)
-        if stream is None:
-            return False
-        self._spawn(self._call("abort", stream.replica, req_id))
-        return True
+        return stream is not None and stream.abort()
 
     def abort_all(self) -> int:
         req_ids = list(self._streams)
@@ -224,22 +271,12 @@ class ReplicaSet:
         except Exception as exc:  # noqa: BLE001
             raise remote_error(exc, replica) from exc
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-
-    def _reap(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("replica call failed: %r", task.exception())
-
     # ---- load --------------------------------------------------------------------------------
 
     async def load_now(self) -> dict:
         """Totals plus a `replicas` list, asked of every live replica now (a replica that does
         not answer in time is left out)."""
-        replicas = live_replica_ids(self.cluster.app_name)
+        replicas = live_replica_ids(self._handle.app_name)
         answers = await asyncio.gather(*(self._call("load", r) for r in replicas),
                                        return_exceptions=True)
         per_replica = {a["replica"]: a for a in answers if isinstance(a, dict)}

@@ -4,7 +4,7 @@ Every call to the deployment passes through `choose_replicas`, which returns ran
 replicas; Serve takes the least loaded replica of the first rank that accepts the request
 (its queue below `max_ongoing_requests`), probing queue lengths when its cache has none.
 
-1. A call with `replica=<unique id>` (abort, load, scoring of a request that replica ran) goes
+1. A call with `replica=<unique id>` (load, scoring of a request that replica ran) goes
    to that replica only. When it is gone the call goes anywhere: a replica that does not know
    the request answers "not found" instead of the call waiting forever for a dead one.
 2. A generation with `prefix_key` (the engine's chained hash of the prompt's first full KV

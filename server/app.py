@@ -42,12 +42,13 @@ class GenerationServer:
     """One server process: `await start()` (binds, then loads), `await drain()`, `stop()`."""
 
     def __init__(self, engine_config: EngineConfig, config: ServerConfig | None = None,
-                 engine_future=None) -> None:
-        """`engine_future`: see `EngineClient` (None: the engine gets its own thread)."""
+                 engine_future=None, replica_handle=None) -> None:
+        """`engine_future`, `replica_handle`: see `EngineClient` (None: the engine gets its
+        own thread, or with replicas, they are deployed)."""
         self.config = config = config or ServerConfig()
         self.client = EngineClient(engine_config, on_engine_error=self._on_engine_error,
                                    engine_future=engine_future, cluster=config.cluster,
-                                   datastores=config.datastores)
+                                   datastores=config.datastores, replica_handle=replica_handle)
         self.metrics = Metrics(lambda: self.client.front.load() if self.client.front else None)
         self.health = health.aio.HealthServicer()
         security = config.security

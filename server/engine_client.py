@@ -112,15 +112,17 @@ class EngineClient:
                  on_engine_error: Callable[[BaseException], None] | None = None,
                  engine_future: concurrent.futures.Future | None = None,
                  cluster: Cluster | None = None,
-                 datastores: dict[str, str] | None = None) -> None:
+                 datastores: dict[str, str] | None = None, replica_handle=None) -> None:
         """`engine_future`, if given, is resolved by another thread with an AsyncEngine whose
         loop that thread runs (the process's main thread, see `AsyncEngine`); otherwise the
         engine is built on a worker thread and the AsyncEngine starts its own loop thread.
-        With `cluster.replicas`, replicas are deployed instead (each opens `datastores`)."""
+        With `cluster.replicas`, replicas are deployed instead (each opens `datastores`), or
+        with `replica_handle`, those of that Serve deployment handle are used."""
         self.config = config
         self.cluster = cluster or Cluster()
         self._datastores = dict(datastores or {})
         self._engine_future = engine_future
+        self._replica_handle = replica_handle
         self.front = None
         """The AsyncEngine, or the ReplicaSet with `cluster.replicas`."""
         self.card: ModelCard | None = None
@@ -172,7 +174,7 @@ class EngineClient:
         setup = ReplicaSetup(engine=self.config, datastores=self._datastores,
                              scorers=cluster.scorers, predicates=cluster.predicates,
                              plugins=cluster.plugins)
-        self.front = ReplicaSet(setup, cluster)
+        self.front = ReplicaSet(setup, cluster, handle=self._replica_handle)
         self.tokenizer = await asyncio.to_thread(
             Tokenizer, resolve_model_dir(self.config.model.model))
         await self.front.start()
