@@ -16,8 +16,8 @@ each `--affinity-rounds` times (two requests in flight, one new token each), and
 share of repeat visits with `Usage.cached_tokens` > 0 under each policy.
 
 On one machine the replicas share its cores, so throughput cannot grow with N here. The record's
-`scaling_model` gives what N machines would do: N x the direct engine's output tok/s at c / N
-streams x the Ray path's efficiency at concurrency 1 (its output tok/s over direct's).
+`scaling_model` gives what N machines would do: min(N, c) busy replicas x the direct engine's
+output tok/s at c / min(N, c) streams, less the Ray path's measured overhead at concurrency 1.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 
 from bench.common import emit, machine
 from bench.serve import (ServerProcess, free_port, load_test, log, server_command, wait_ready)
@@ -107,18 +108,20 @@ def _overhead(direct: list[dict], ray: list[dict]) -> list[dict]:
 
 def _scaling_model(n: int, direct: list[dict], overhead: list[dict]) -> list[dict]:
     """c streams on n replicas of their own machines keep min(n, c) replicas busy with
-    c / min(n, c) streams each, each as fast as the direct engine at that load times the Ray
-    path's efficiency (its output tok/s over direct's at concurrency 1, same engine work)."""
+    c / min(n, c) streams each, each as fast as the direct engine at that load less the Ray
+    path's overhead: 1 - its output tok/s over direct's at concurrency 1 (the same engine
+    work), counted as 0 when the Ray path was faster."""
     c1 = next(o for o in overhead if o["concurrency"] == 1)
-    efficiency = c1["output_tok_s"]["ray"] / c1["output_tok_s"]["direct"]
+    ratio = c1["output_tok_s"]["ray"] / c1["output_tok_s"]["direct"]
+    cost = max(0.0, 1.0 - ratio)
     rows = []
     for o in overhead:
         busy = min(n, o["concurrency"])
         per_replica = _at(direct, max(1, o["concurrency"] // busy))["output_tok_s"]
         rows.append({"concurrency": o["concurrency"], "busy_replicas": busy,
                      "single_replica_tok_s": per_replica,
-                     "ray_efficiency_at_c1": round(efficiency, 3),
-                     "predicted_cluster_tok_s": round(busy * per_replica * efficiency, 1),
+                     "ray_over_direct_at_c1": round(ratio, 3),
+                     "predicted_cluster_tok_s": round(busy * per_replica * (1 - cost), 1),
                      "measured_on_this_machine_tok_s": o["output_tok_s"]["ray"]})
     return rows
 
@@ -160,3 +163,35 @@ def run(args) -> None:
         f"{prefix_probe['repeat_visit_hit_rate']}, load routing "
         f"{load_probe['repeat_visit_hit_rate']}")
     emit(record)
+    if args.plot:
+        plot(record, Path(__file__).resolve().parent / "results" / "serve_replicas.png")
+
+
+def plot(record: dict, path: Path) -> None:
+    """Median TTFT and ITL, direct vs through Ray, and the affinity probe's rounds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lat, rounds) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = record["overhead"]
+    labels = [f"c={o['concurrency']}" for o in rows]
+    x = range(len(rows))
+    for i, (key, name) in enumerate((("ttft_median_ms", "TTFT"), ("itl_median_ms", "ITL"))):
+        for j, side in enumerate(("direct", "ray")):
+            lat.bar([k + 0.2 * (2 * i + j) for k in x], [o[key][side] for o in rows], 0.2,
+                    label=f"{name} {side}")
+    lat.set(xticks=[k + 0.3 for k in x], xticklabels=labels, yscale="log", ylabel="ms (median)",
+            title=f"direct engine vs {record['replicas']} replicas on Ray Serve")
+    lat.legend(fontsize=7)
+    for policy, probe in record["affinity"]["routing"].items():
+        rounds.plot(range(1, len(probe["round_s"]) + 1), probe["round_s"], marker="o",
+                    label=f"{policy} routing: repeat hit rate {probe['repeat_visit_hit_rate']}")
+    rounds.set(xlabel="visit of each prefix", ylabel="seconds per round",
+               title=f"{record['affinity']['prefixes']} prefixes of "
+                     f"{record['affinity']['prefix_tokens']} tokens")
+    rounds.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    log(f"[plot] wrote {path}")

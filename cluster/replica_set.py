@@ -14,6 +14,8 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import signal
+import threading
 from collections import deque
 
 import msgspec
@@ -127,6 +129,16 @@ class RemoteStream:
                 self._response.cancel()
 
 
+def _signal_handlers() -> dict:
+    """This process's SIGTERM / SIGINT handlers, if it is on the main thread. `ray.init`
+    replaces them with a native crash handler that aborts the process 3 s after a SIGTERM,
+    cutting a drain short; the front puts its own back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)
+            if callable(signal.getsignal(sig))}
+
+
 def _cancelling() -> bool:
     """Whether the running task itself is being cancelled (not just the remote call)."""
     task = asyncio.current_task()
@@ -186,8 +198,11 @@ class ReplicaSet:
     async def start(self) -> None:
         """Connects to (or starts) Ray, deploys the replicas and waits until all are up."""
         if not self._attached:
+            kept = _signal_handlers()
             loop = asyncio.get_running_loop()
             self._handle = await loop.run_in_executor(self._admin, self._deploy)
+            for sig, handler in kept.items():  # see `_signal_handlers`
+                signal.signal(sig, handler)
         _, self.card = await self._handle.describe.remote()
 
     def _deploy(self):

@@ -136,12 +136,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_polydecode_serve_answers_and_exits_cleanly_on_sigterm(model_dir):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port), "--model",
-         str(model_dir), "--num-blocks", "128"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+@pytest.mark.parametrize("extra", [[], ["--replicas", "2"]], ids=["one-process", "replicas"])
+def test_polydecode_serve_drains_and_exits_cleanly_on_sigterm(model_dir, tmp_path, extra):
+    """A stream still running at the drain timeout ends CANCELLED, then the process exits 0
+    (with replicas: they are deleted and the local Ray cluster stopped)."""
+    port, log_path = _free_port(), tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:  # Ray logs plenty: a file, not a pipe to fill
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--port", str(port), "--model",
+             str(model_dir), "--num-blocks", "128", "--drain-timeout", "5", *extra], cwd=ROOT,
+            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         health = health_pb2_grpc.HealthStub(channel)
@@ -152,13 +156,18 @@ def test_polydecode_serve_answers_and_exits_cleanly_on_sigterm(model_dir):
                                 timeout=1).status == SERVING:
                     break
             except grpc.RpcError:
-                assert proc.poll() is None, proc.stderr.read()
+                assert proc.poll() is None, log_path.read_text()
             time.sleep(0.2)
         stub = pb_grpc.GenerationStub(channel)
         assert len(stub.Generate(text_request("Hi", 4)).token_ids) > 0
+        events = iter(stub.GenerateStream(_long_request("at-sigterm")))
+        next(events), next(events)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        assert "draining" in proc.stderr.read()
+        start = time.monotonic()
+        assert list(events)[-1].finished.reason == pb.FINISH_CANCELLED
+        assert 4.5 < time.monotonic() - start < 15
+        assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        assert "draining" in log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
