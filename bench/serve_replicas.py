@@ -187,7 +187,8 @@ def plot(record: dict, path: Path) -> None:
     for policy, probe in record["affinity"]["routing"].items():
         rounds.plot(range(1, len(probe["round_s"]) + 1), probe["round_s"], marker="o",
                     label=f"{policy} routing: repeat hit rate {probe['repeat_visit_hit_rate']}")
-    rounds.set(xlabel="visit of each prefix", ylabel="seconds per round",
+    rounds.set(xticks=range(1, record["affinity"]["rounds"] + 1),
+               xlabel="visit of each prefix", ylabel="seconds per round",
                title=f"{record['affinity']['prefixes']} prefixes of "
                      f"{record['affinity']['prefix_tokens']} tokens")
     rounds.legend(fontsize=7)

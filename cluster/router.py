@@ -12,7 +12,8 @@ replicas; Serve takes the least loaded replica of the first rank that accepts th
    blocks are likely still cached, unless that replica has `imbalance` more requests in flight
    than the least loaded other one; then load decides, and the prefix moves with the request.
 3. Everything else: Serve's default policy, power of two choices (two random replicas, the
-   shorter queue wins), first among replicas on the front's node, then its zone, then all.
+   shorter queue wins), first among replicas in the front's availability zone when nodes carry
+   one (and on its node, if the handle asks for that), then among all.
    Not Serve's FIFO matching: a replica found for one request serves that request, never an
    older one, or pinned and affine choices would be handed to other requests.
 
