@@ -15,20 +15,26 @@ import pytest
 import ray
 
 import cluster
+from engine.loader import model_fingerprint
 from retrieval.corpus import kjv_path
 from server.config import Cluster, Limits, ServerConfig
 from server.pb import pb, pb_grpc
+from tests.decoding.test_knn import make_kjv_store
 from tests.factories import make_engine_config
 from tests.server.conftest import Harness, text_request
+from tests.server.test_knn_server import KNN, PROTO_KNN, _offline, _request
 
 APP = "polydecode"
 PREFIX_TOKENS = 512
 
 
 @pytest.fixture(scope="module")
-def front(model_dir):
+def front(model_dir, tmp_path_factory, hf_model, hf_tokenizer):
+    """Two replicas, each opening the same kNN-LM datastore (read-only, memory-mapped)."""
+    store = make_kjv_store(tmp_path_factory.mktemp("kjv") / "kjv", hf_model, hf_tokenizer,
+                           fingerprint=model_fingerprint(model_dir))
     config = ServerConfig(port=0, drain_timeout_s=3.0, cluster=Cluster(replicas=2, app_name=APP),
-                          limits=Limits(max_new_tokens=512, max_stop_sequences=4,
+                          datastores={"kjv": str(store)}, limits=Limits(max_new_tokens=512, max_stop_sequences=4,
                                         max_top_logprobs=5, max_parallel_members=4))
     harness = Harness(make_engine_config(model_dir, num_blocks=1024), config)
     yield harness
@@ -106,6 +112,26 @@ def test_rerank_equals_the_single_process_server(front, served):
     want, got = served.stub.Rerank(request), front.stub.Rerank(request)
     assert list(got.ranking) == list(want.ranking)
     assert got.scores == pytest.approx(want.scores, abs=1e-4)
+
+
+def test_knn_lm_on_the_replicas_equals_the_offline_engine(front, model_dir):
+    offline = _offline(model_dir, **KNN)
+    for _ in range(2):  # two routing draws: most likely both replicas answer
+        result = front.stub.Generate(_request(datastore="kjv", **PROTO_KNN))
+        assert list(result.token_ids) == offline.token_ids
+        assert [lp.logprob for lp in result.logprobs] == pytest.approx(
+            [lp.logprob for lp in offline.logprobs], abs=1e-5)
+    with pytest.raises(grpc.RpcError) as err:
+        front.stub.Generate(_request(datastore="nope", **PROTO_KNN))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details().startswith("knn_lm.datastore:")
+
+
+def test_seeded_rankgen_equals_the_single_process_server(front, served):
+    request = text_request("Write one sentence about the sea.", 16, decoding=pb.DecodingStrategy(
+        rankgen=pb.RankGenRerank(beam_size=2, num_samples=4, tokens_per_round=8, seed=7)))
+    want, got = served.stub.Generate(request), front.stub.Generate(request)
+    assert list(got.token_ids) == list(want.token_ids)
 
 
 def test_admission_errors_of_a_replica_name_the_field(front):
