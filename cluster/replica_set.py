@@ -37,7 +37,11 @@ log = logging.getLogger("polydecode.cluster")
 
 _LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_total", "num_preemptions")
 _CALL_TIMEOUT_S = 10.0
-"""Pinned calls (load, abort, score) that take longer than this count as a lost replica."""
+"""Pinned calls (load, score) that take longer than this count as a lost replica."""
+_ACCEPT_TIMEOUT_S = 60.0
+"""A request no replica has admitted by then (none alive, or all of them at
+`max_ongoing_requests` all along) gets UNAVAILABLE instead of waiting on."""
+_LOAD_REFRESH_S = 2.0
 
 
 def remote_error(exc: BaseException, replica: str | None) -> BaseException:
@@ -189,6 +193,7 @@ class ReplicaSet:
         self._attached = handle is not None
         self._streams: dict[str, RemoteStream] = {}
         self._last_load: dict = {}
+        self._refresher: asyncio.Task | None = None
         self._admin = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="polydecode-ray")
         """Runs Ray's blocking calls (init, deploy, delete). One long-lived thread: a local
         cluster's processes die with the thread that started them (Ray sets PDEATHSIG)."""
@@ -204,6 +209,7 @@ class ReplicaSet:
             for sig, handler in kept.items():  # see `_signal_handlers`
                 signal.signal(sig, handler)
         _, self.card = await self._handle.describe.remote()
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_load())
 
     def _deploy(self):
         if not ray.is_initialized():
@@ -222,6 +228,8 @@ class ReplicaSet:
     def shutdown(self) -> None:
         """Deletes the deployment (each replica shuts its engine down); stops Ray too when
         this process started it."""
+        if self._refresher is not None and not self._refresher.get_loop().is_closed():
+            self._refresher.get_loop().call_soon_threadsafe(self._refresher.cancel)
         if not self._attached:
             self._admin.submit(self._undeploy).result()
         self._admin.shutdown()
@@ -245,10 +253,14 @@ class ReplicaSet:
             prompt, params, captures=tuple(captures), extra_key=extra_key,
             prefix_key=self.prefix_key(prompt, extra_key))
         try:
-            accepted = await response.__anext__()
+            accepted = await asyncio.wait_for(response.__anext__(), _ACCEPT_TIMEOUT_S)
         except asyncio.CancelledError:
             response.cancel()
             raise
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise Unavailable(f"no engine replica admitted the request in "
+                              f"{_ACCEPT_TIMEOUT_S:.0f} s") from None
         except Exception as exc:  # noqa: BLE001
             raise remote_error(exc, None) from exc
         if isinstance(accepted, Rejected):
@@ -300,6 +312,12 @@ class ReplicaSet:
         self._last_load = load
         return load
 
+    async def _refresh_load(self) -> None:
+        while True:
+            await asyncio.sleep(_LOAD_REFRESH_S)
+            await self.load_now()
+
     def load(self) -> dict:
-        """The last `load_now` answer (what the metrics endpoint reads without waiting)."""
+        """The last `load_now` answer, at most `_LOAD_REFRESH_S` old (what the metrics
+        endpoint reads without waiting)."""
         return {f: self._last_load.get(f, 0) for f in _LOAD_FIELDS}
