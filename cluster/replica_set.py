@@ -22,11 +22,13 @@ import msgspec
 import ray
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
+from ray.serve.exceptions import RayServeException
 from ray.serve.config import RequestRouterConfig
 
 from cluster.replica import Accepted, EngineReplica, Rejected, ReplicaSetup
 from cluster import live_replica_ids
 from cluster.router import PrefixAffinityRouter
+from engine.async_engine import EngineDeadError
 from engine.core.prefix_hash import hash_full_blocks
 from engine.messages import RequestOutput
 from server.config import Cluster
@@ -37,20 +39,26 @@ log = logging.getLogger("polydecode.cluster")
 
 _LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_total", "num_preemptions")
 _CALL_TIMEOUT_S = 10.0
-"""Pinned calls (load, score) that take longer than this count as a lost replica."""
+"""Calls to a replica (load, score) that take longer than this count as a lost replica."""
 _ACCEPT_TIMEOUT_S = 60.0
 """A request no replica has admitted by then (none alive, or all of them at
 `max_ongoing_requests` all along) gets UNAVAILABLE instead of waiting on."""
 _LOAD_REFRESH_S = 2.0
+_CALL_HEADROOM = 16
+"""Ongoing calls a replica takes beyond its engine's caps: load and score calls."""
 
 
 def remote_error(exc: BaseException, replica: str | None) -> BaseException:
-    """The server-side error for an exception out of a replica call."""
+    """The server-side error for an exception out of a replica call: what our code on the
+    replica raised, except a failed engine; UNAVAILABLE for a replica that is gone, stopping,
+    failed or slow (Serve restarts it, other replicas take new requests)."""
+    where = f"engine replica {replica}" if replica else "engine replicas"
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, Exception) \
             and not isinstance(exc.cause, RayError):
+        if isinstance(exc.cause, EngineDeadError):
+            return Unavailable(f"{where}: engine failed: {exc.cause}")
         return exc.cause  # raised by our code on the replica: InvalidArgument etc.
-    where = f"engine replica {replica}" if replica else "engine replicas"
-    if isinstance(exc, (RayError, asyncio.TimeoutError)):
+    if isinstance(exc, (RayError, RayServeException, asyncio.TimeoutError)):
         return Unavailable(f"{where} unavailable: {type(exc).__name__}")
     return exc
 
@@ -91,12 +99,14 @@ class RemoteStream:
                 self._end()
                 raise Unavailable(f"engine replica {self.replica} ended request "
                                   f"{self.req_id} without a final output") from None
-            except (Exception, asyncio.CancelledError) as exc:
+            except asyncio.CancelledError:
                 if self._aborted and not _cancelling():
                     return self._abort_output()
+                raise  # our caller is leaving: its aclose cancels the remote call
+            except Exception as exc:  # noqa: BLE001 - mapped to the server's error types
+                if self._aborted:
+                    return self._abort_output()
                 self._end()
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
                 raise remote_error(exc, self.replica) from exc
         out = self._last = self._ready.popleft()
         if out.finished:
@@ -157,9 +167,11 @@ def engine_deployment(setup: ReplicaSetup, cluster: Cluster, shutdown_timeout_s:
     """The `EngineReplica` Serve deployment with the options `cluster` asks for. A replica
     Serve stops serves its requests for up to `shutdown_timeout_s` more."""
     gpus = 1.0 if setup.engine.model.device.startswith("cuda") else 0.0
+    scheduler = setup.engine.scheduler
     return serve.deployment(EngineReplica).options(
         name="EngineReplica", num_replicas=cluster.replicas,
-        max_ongoing_requests=cluster.max_ongoing_requests,
+        max_ongoing_requests=cluster.max_ongoing_requests or (
+            scheduler.max_num_seqs + scheduler.max_waiting_requests + _CALL_HEADROOM),
         ray_actor_options={"num_cpus": replica_cpus(setup), "num_gpus": gpus},
         health_check_period_s=2.0, health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=shutdown_timeout_s,
@@ -246,21 +258,24 @@ class ReplicaSet:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    async def submit(self, prompt, params, captures=(), extra_key=None) -> RemoteStream:
+    async def submit(self, prompt, params, captures=(), extra_key=None,
+                     timeout_s: float | None = None) -> RemoteStream:
         """Admits a request on a replica chosen by the router; raises what the replica's
-        admission raised, or Unavailable."""
+        admission raised, or Unavailable (also when no replica admitted it within
+        `timeout_s`, at most `_ACCEPT_TIMEOUT_S`)."""
+        wait_s = _ACCEPT_TIMEOUT_S if timeout_s is None else min(timeout_s, _ACCEPT_TIMEOUT_S)
         response = self._handle.options(stream=True).generate.remote(
             prompt, params, captures=tuple(captures), extra_key=extra_key,
             prefix_key=self.prefix_key(prompt, extra_key))
         try:
-            accepted = await asyncio.wait_for(response.__anext__(), _ACCEPT_TIMEOUT_S)
+            accepted = await asyncio.wait_for(response.__anext__(), max(wait_s, 0.0))
         except asyncio.CancelledError:
             response.cancel()
             raise
         except asyncio.TimeoutError:
             response.cancel()
-            raise Unavailable(f"no engine replica admitted the request in "
-                              f"{_ACCEPT_TIMEOUT_S:.0f} s") from None
+            raise Unavailable(f"no engine replica admitted the request in {wait_s:.1f} s") \
+                from None
         except Exception as exc:  # noqa: BLE001
             raise remote_error(exc, None) from exc
         if isinstance(accepted, Rejected):
@@ -288,10 +303,11 @@ class ReplicaSet:
         req_ids = list(self._streams)
         return sum(self.abort(r) for r in req_ids)
 
-    async def score(self, stream: RemoteStream, hidden, labels: list[int]):
-        return await self._call("score", stream.replica, hidden, list(labels))
+    async def score(self, hidden, labels: list[int]):
+        """Listwise rerank scores of a captured LM-head input (any replica has the head)."""
+        return await self._call("score", None, hidden, list(labels))
 
-    async def _call(self, method: str, replica: str, *args):
+    async def _call(self, method: str, replica: str | None, *args):
         try:
             return await asyncio.wait_for(
                 getattr(self._handle, method).remote(*args, replica=replica), _CALL_TIMEOUT_S)

@@ -4,9 +4,8 @@ Every call to the deployment passes through `choose_replicas`, which returns ran
 replicas; Serve takes the least loaded replica of the first rank that accepts the request
 (its queue below `max_ongoing_requests`), probing queue lengths when its cache has none.
 
-1. A call with `replica=<unique id>` (load, scoring of a request that replica ran) goes
-   to that replica only. When it is gone the call goes anywhere: a replica that does not know
-   the request answers "not found" instead of the call waiting forever for a dead one.
+1. A call with `replica=<unique id>` (the front's `load` of each replica) goes to that replica
+   only; when it is gone, to any (the answer names the replica that gave it).
 2. A generation with `prefix_key` (the engine's chained hash of the prompt's first full KV
    blocks, computed by the front) goes to the replica that was last sent that prefix, where its
    blocks are likely still cached, unless that replica has `imbalance` more requests in flight
@@ -49,6 +48,8 @@ class PrefixAffinityRouter(LocalityMixin, RequestRouter):
                               pending_request: PendingRequest | None = None,
                               ) -> list[list[RunningReplica]]:
         kwargs = pending_request.kwargs if pending_request is not None else {}
+        if pending_request is not None:  # retries back off, as Serve's own policies do
+            pending_request.routing_context.should_backoff = True
         pinned = kwargs.get("replica")
         if pinned:
             match = [r for r in candidate_replicas if r.replica_id.unique_id == pinned]

@@ -87,8 +87,10 @@ class Cluster(msgspec.Struct, frozen=True, kw_only=True):
     """Full KV blocks at the start of a prompt that make its affinity key (shorter prompts
     have none and are routed by load)."""
     affinity_imbalance: int = 4
-    max_ongoing_requests: int = 256
-    """Requests Serve sends one replica at a time; its engine queues them."""
+    max_ongoing_requests: int | None = None
+    """Calls Serve lets one replica hold at once. None: its engine's running and waiting caps
+    plus room for load calls, so a full replica refuses with RESOURCE_EXHAUSTED as one
+    process does instead of calls queueing in front of it."""
     app_name: str = "polydecode"
     scorers: list[str] = []
     """What every replica loads at start, as the flags spell them: `--scorer NAME=DIR`..."""

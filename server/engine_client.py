@@ -11,7 +11,8 @@ unguessable id, so no caller can abort, or learn of, another principal's request
 
 The engine runs in this process (`AsyncEngine`), or, with `Cluster.replicas`, as engine
 replicas on Ray Serve (`cluster.replica_set.ReplicaSet`, the same submit / abort / load
-surface); then this process loads only the tokenizer.
+surface); then this process loads the tokenizer, not the model (the server still maps the
+datastores and loads the scorers it names, for GetModelInfo and validation).
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ class EngineClient:
         self._owned: dict[tuple[str, str], Tracked] = {}
         """(principal, client-visible id) -> its open request."""
         self._idle: asyncio.Event | None = None
+        self._admitting = 0
+        """Requests waiting for a replica to admit them (with replicas)."""
 
     @property
     def remote(self) -> bool:
@@ -203,10 +206,22 @@ class EngineClient:
         if owner in self._owned:
             raise InvalidArgument("request_id", f"{owner[1]!r} is already running")
         if self.remote:
-            stream = await self.front.submit(sub.prompt, sub.params, captures=sub.captures,
-                                             extra_key=sub.extra_key)
+            self._admitting += 1  # a drain waits for it too
+            self._idle.clear()
+            asked = time.monotonic()
+            try:
+                stream = await self.front.submit(sub.prompt, sub.params, captures=sub.captures,
+                                                 extra_key=sub.extra_key, timeout_s=deadline_s)
+            except BaseException:
+                self._admitting -= 1
+                self._release(None)
+                raise
+            self._admitting -= 1  # no await until it is owned: a drain never sees it idle
+            if deadline_s is not None:
+                deadline_s -= time.monotonic() - asked
             if owner in self._owned:  # the same id was admitted while this one waited
                 await stream.aclose()
+                self._release(None)
                 raise InvalidArgument("request_id", f"{owner[1]!r} is already running")
         else:
             stream = self.front.submit(sub.prompt, sub.params, secrets.token_hex(16),
@@ -225,15 +240,15 @@ class EngineClient:
             raise Unavailable("model is loading")
         return await self.front.load_now() if self.remote else self.front.load()
 
-    async def score_remote(self, tracked: Tracked, hidden, labels):
-        """Listwise rerank scores of a request's captured LM-head input, computed by the
-        replica that ran it (this process has no LM head)."""
-        return await self.front.score(tracked._stream, hidden, labels)
+    async def score_remote(self, hidden, labels):
+        """Listwise rerank scores of a request's captured LM-head input, computed by an
+        engine replica (this process has no LM head)."""
+        return await self.front.score(hidden, labels)
 
-    def _release(self, tracked: Tracked) -> None:
-        if self._owned.get(tracked.owner) is tracked:
+    def _release(self, tracked: Tracked | None) -> None:
+        if tracked is not None and self._owned.get(tracked.owner) is tracked:
             del self._owned[tracked.owner]
-        if not self._owned:
+        if not self._owned and not self._admitting:
             self._idle.set()
 
     def abort(self, principal: str, req_ids) -> int:

@@ -174,7 +174,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if hidden is None:  # aborted (Abort, deadline, drain) before its prefill ran
                 raise Cancelled(f"request {tracked.req_id!r} ended before it was scored")
             if self.client.remote:
-                ranking = await self.client.score_remote(tracked, hidden, labels)
+                ranking = await self.client.score_remote(hidden, labels)
             else:
                 ranking = await self._off_loop(score_hidden, self.client.engine, hidden, labels)
             return pb.RerankResponse(

@@ -155,6 +155,22 @@ def test_abort_reaches_the_replica_that_holds_the_request(front):
     assert front.wait_idle().kv_blocks_used == 0
 
 
+def test_a_client_cancel_or_deadline_frees_the_request_on_its_replica(front):
+    """400 tokens take ~20 s here: KV back to 0 within 10 s means the replica stopped."""
+    call = front.stub.GenerateStream(_long("to-cancel"))
+    events = iter(call)
+    next(events), next(events)
+    assert front.load().kv_blocks_used > 0
+    call.cancel()
+    load = front.wait_idle(timeout=10)
+    assert (load.running, load.waiting, load.kv_blocks_used) == (0, 0, 0)
+    with pytest.raises(grpc.RpcError) as err:
+        front.stub.Generate(_long("past-deadline"), timeout=1.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    load = front.wait_idle(timeout=10)
+    assert (load.running, load.waiting, load.kv_blocks_used) == (0, 0, 0)
+
+
 def _kjv_prefixes(harness, count: int) -> list[list[int]]:
     """`count` disjoint runs of exactly PREFIX_TOKENS tokens of the King James Bible."""
     with open(kjv_path(), encoding="utf-8") as f:

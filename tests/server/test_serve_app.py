@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,6 +20,7 @@ from server.servicer import SERVICE_NAME
 from tests.server.conftest import text_request
 
 APP = "polydecode-app"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -71,3 +73,20 @@ def test_deleting_the_application_drains_the_front(app_port):
         assert 1.5 < time.monotonic() - start < 20
         deleting.join(timeout=60)
         assert not deleting.is_alive()
+
+
+def test_the_kuberay_manifest_deploys_this_application_with_valid_flags():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from server.cli import build_parser
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rayservice.yaml").read_text()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    assert app.import_path == "cluster.app:build"
+    args = build_parser().parse_args(["serve", *app.args["argv"]])
+    assert args.replicas > 0 and args.host == "0.0.0.0"
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert {"containerPort": args.port, "name": "grpc"} in head["containers"][0]["ports"]
