@@ -42,7 +42,7 @@ def _run_server(args, extra: list[str], levels, probe: bool) -> tuple[dict, list
     """Starts `serve` with `extra` flags, runs the load `levels` and, if `probe`, the affinity
     probe; stops it with SIGTERM. Returns (model info, level metrics, probe result)."""
     port = free_port()
-    cmd = server_command(args, port, args.max_num_seqs or max(c for c, _ in levels or [(8, 0)]))
+    cmd = server_command(args, port, args.max_num_seqs or max((c for c, _ in levels), default=8))
     server = ServerProcess(cmd + extra)
     address = f"127.0.0.1:{port}"
     try:

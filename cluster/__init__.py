@@ -2,9 +2,9 @@
 
 - `replica.EngineReplica`: the Serve deployment; each replica is one Engine in its own process,
   streaming its outputs back through a streaming deployment handle.
-- `router.PrefixAffinityRouter`: Serve's request router for it: pinned calls (load,
-  scoring) reach the replica that holds the request; prompts sharing their first KV blocks go
-  to the replica that served that prefix last, unless it is busier than the rest.
+- `router.PrefixAffinityRouter`: Serve's request router for it: a pinned call (load) reaches
+  the replica it names; prompts sharing their first KV blocks go to the replica that served
+  that prefix last, unless it is busier than the rest.
 - `replica_set.ReplicaSet`: the front's side, with the submit / abort / load surface the
   in-process `AsyncEngine` has, so the server's request path is the same in both modes.
 

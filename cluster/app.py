@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 
+import msgspec
 from ray import serve
 from ray.serve import Application
 
@@ -45,8 +46,7 @@ class Front:
 
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(message)s")
-        register(ReplicaSetup(engine=setup.engine, scorers=setup.scorers,
-                              predicates=setup.predicates, plugins=setup.plugins))
+        register(msgspec.structs.replace(setup, datastores={}))  # the server opens those
         deadline = time.monotonic() + BIND_WAIT_S + config.drain_timeout_s
         while True:  # on an upgrade, the old Front holds the port until its drain ends
             try:
@@ -81,9 +81,7 @@ def build(args: dict) -> Application:
     cluster = config.cluster
     if cluster.replicas < 1:
         raise ValueError("argv: give --replicas N (N >= 1)")
-    setup = ReplicaSetup(engine=engine_config, datastores=config.datastores,
-                         scorers=cluster.scorers, predicates=cluster.predicates,
-                         plugins=cluster.plugins)
+    setup = ReplicaSetup.of(engine_config, config.datastores, cluster)
     # Engine replicas outlive the front's drain, which ends or aborts their requests.
     engines = engine_deployment(setup, cluster, config.drain_timeout_s + 40.0).bind(setup)
     front = serve.deployment(Front).options(

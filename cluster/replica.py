@@ -50,6 +50,12 @@ class ReplicaSetup(msgspec.Struct, frozen=True, kw_only=True):
     plugins: list[str] = []
     """Modules that register strategies and transforms (`--plugin`)."""
 
+    @classmethod
+    def of(cls, engine: EngineConfig, datastores: dict[str, str], cluster) -> ReplicaSetup:
+        """What a server with `datastores` and `cluster` (a `server.config.Cluster`) serves."""
+        return cls(engine=engine, datastores=datastores, scorers=cluster.scorers,
+                   predicates=cluster.predicates, plugins=cluster.plugins)
+
 
 class Accepted(msgspec.Struct, frozen=True, gc=False):
     """The first item of a replica's stream: the request was admitted."""

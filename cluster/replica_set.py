@@ -199,8 +199,6 @@ class ReplicaSet:
         self.setup = setup
         self.cluster = cluster
         self.card: ModelCard | None = None
-        self.on_error = None
-        """Kept for the AsyncEngine surface: a replica's failure is Serve's to handle."""
         self._handle = handle
         self._attached = handle is not None
         self._streams: dict[str, RemoteStream] = {}

@@ -173,11 +173,8 @@ class EngineClient:
         from cluster.replica import ReplicaSetup
         from cluster.replica_set import ReplicaSet
 
-        cluster = self.cluster
-        setup = ReplicaSetup(engine=self.config, datastores=self._datastores,
-                             scorers=cluster.scorers, predicates=cluster.predicates,
-                             plugins=cluster.plugins)
-        self.front = ReplicaSet(setup, cluster, handle=self._replica_handle)
+        setup = ReplicaSetup.of(self.config, self._datastores, self.cluster)
+        self.front = ReplicaSet(setup, self.cluster, handle=self._replica_handle)
         self.tokenizer = await asyncio.to_thread(
             Tokenizer, resolve_model_dir(self.config.model.model))
         await self.front.start()
