@@ -25,9 +25,10 @@ from torch import nn
 
 from engine.execution.attention_metadata import AttentionMetadata
 from engine.config import NORM_SCHEMES, ModelConfig
-from engine.kernels import layer_ops
+from engine.kernels import decode_stack, layer_ops
 from engine.layers.attention import PagedAttention
 from engine.layers.norms import RMSNorm
+from engine.layers.packed_linear import PackedLinear
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 
 # HF checkpoint name -> (our fused parameter, shard index). q/k/v and gate/up are fused so each
@@ -223,6 +224,24 @@ def _capture(captures: dict[str, torch.Tensor] | None, index: int, ffn_input: to
         captures[f"ffn_input:{index}"] = ffn_input
 
 
+def _stack_weights(layers) -> list[torch.Tensor] | None:
+    weights: list[torch.Tensor] = []
+    for layer in layers:
+        if layer.is_post_ln or layer.lns_scale is not None:
+            return None
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        dtype = norms[0].dtype
+        if not all(isinstance(m, PackedLinear) and m.bias is None and m.weight.dtype == dtype
+                   for m in linears) or norms[1].dtype != dtype:
+            return None
+        weights += [norms[0].detach(), attn.qkv_proj.packed_weight, attn.o_proj.packed_weight,
+                    norms[1].detach(), mlp.gate_up_proj.packed_weight,
+                    mlp.down_proj.packed_weight]
+    return weights
+
+
 class LlamaForCausalLM(nn.Module):
     """Decoder stack (norms placed per `config.norm_scheme`); `forward` returns final-norm hidden states, logits come from
     `compute_logits` on the rows that are sampled only (the LM head is the largest GEMM)."""
@@ -253,10 +272,24 @@ class LlamaForCausalLM(nn.Module):
         captures: dict[str, torch.Tensor] = {}
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
+        if decode_stack.applies(self._stack_weights(), x, kv_caches, meta, capture_layers):
+            cfg, attn = self.config, self.layers[0].self_attn.attn
+            return decode_stack.run(self._stack_weights(), x, rope, kv_caches, self.norm.weight,
+                                    meta, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                    cfg.rms_norm_eps, attn.scale), captures
         for i, layer in enumerate(self.layers):
             sink = captures if i in capture_layers else None
             x = layer(rope, x, kv_caches[i], meta, sink, i)
         return self.norm(x), captures
+
+    def _stack_weights(self) -> list[torch.Tensor] | None:
+        """The decode stack's weights (6 per layer: input norm, packed qkv, packed o,
+        post-attention norm, packed gate/up, packed down), or None when a layer is outside its
+        form (Post-LN, run-time LNS scaling, an unpacked or quantized linear, mixed dtypes).
+        Collected on first use: linears are prepacked after the model is built."""
+        if not hasattr(self, "_stack"):
+            self._stack = _stack_weights(self.layers)
+        return self._stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_rows, hidden_size] -> float32 logits [num_rows, vocab_size]."""

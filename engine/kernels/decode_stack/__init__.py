@@ -1,0 +1,45 @@
+"""A Llama decode step's decoder stack in one C++ call (see `cpu.py`): the CPU equivalent of
+replaying a captured graph. The model calls `run` when the step allows it and its own
+module-by-module forward otherwise; both give the same bits.
+
+It applies to an all-decode step on the CPU backend (one new token per sequence, block tables
+for the paged kernel, no activation captures) of a Pre-LN Llama whose linears are oneDNN-
+prepacked (`PackedLinear`, float32 or bfloat16) and whose KV cache has the model's dtype.
+`POLYDECODE_DECODE_STACK=0` turns it off (the eager forward then runs every step).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.kernels import backend
+from engine.kernels.decode_stack.cpu import load_extension
+
+
+def enabled() -> bool:
+    return (os.environ.get("POLYDECODE_DECODE_STACK", "1") != "0"
+            and backend(torch.device("cpu")) == "cpu")
+
+
+def applies(weights, x: torch.Tensor, kv_caches, meta, capture_layers) -> bool:
+    """True when this step can run as one stack call."""
+    return (weights is not None and not capture_layers and x.device.type == "cpu"
+            and meta.varlen is None and not meta.prefills
+            and meta.decode_block_tables is not None and meta.num_decode_tokens == x.shape[0]
+            and x.dtype == weights[0].dtype and kv_caches[0][0].dtype == x.dtype
+            and meta.slot_mapping.dtype == torch.int64 and enabled()
+            and load_extension() is not None)
+
+
+def run(weights: list[torch.Tensor], x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        kv_caches, final_norm: torch.Tensor, meta, num_heads: int, num_kv_heads: int,
+        eps: float, scale: float) -> torch.Tensor:
+    """The final-normed hidden states [tokens, hidden] of the decode step (KV written)."""
+    caches = [t for pair in kv_caches for t in pair]
+    cos, sin = rope
+    return load_extension().llama_decode_stack(
+        x.contiguous(), cos.contiguous(), sin.contiguous(), weights, caches,
+        final_norm.detach(), meta.slot_mapping, meta.decode_block_tables.contiguous(),
+        meta.decode_context_lens.contiguous(), num_heads, num_kv_heads, eps, scale)

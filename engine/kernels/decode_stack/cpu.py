@@ -1,0 +1,112 @@
+"""The whole decoder stack of a Llama decode step as one C++ call (built by
+`engine.kernels.cpp_build`).
+
+An all-decode step at batch 1 is about ten small ops per layer; from Python each costs tens of
+microseconds of module calls and dispatch, a third of the step at batch 1. This extension runs
+the same ops in the same order from C++: the per-layer kernels of `layer_ops` and
+`paged_attention` (their sources compiled into this unit, each in its own namespace) and
+oneDNN's prepacked linear (`mkldnn::_linear_pointwise`, the op `PackedLinear` calls), so its
+result equals the module-by-module forward bit for bit. It releases the GIL for the whole stack,
+so a server's gRPC thread runs while the engine computes.
+
+`llama_decode_stack(x, cos, sin, weights, caches, final_norm, slots, block_tables,
+context_lens, num_heads, num_kv_heads, eps, scale)`: x [tokens, hidden] embedded inputs, one
+token per sequence; weights: per layer (input norm, packed qkv, packed o, post-attention norm,
+packed gate/up, packed down); caches: per layer (k, v). Returns the final-normed hidden states.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from engine.kernels.cpp_build import build
+from engine.kernels.layer_ops.cpu import _SOURCE as LAYER_OPS_SOURCE
+from engine.kernels.paged_attention.cpu import _SOURCE as ATTENTION_SOURCE
+
+_HEADER = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+"""
+
+_DRIVER = r"""
+namespace {
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        c10::string_view, c10::List<std::optional<at::Scalar>>,
+                        std::optional<c10::string_view>)>();
+  return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(),
+                 c10::string_view(""));
+}
+
+}  // namespace
+
+torch::Tensor llama_decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                                 std::vector<torch::Tensor> weights,
+                                 std::vector<torch::Tensor> caches, torch::Tensor final_norm,
+                                 torch::Tensor slots, torch::Tensor block_tables,
+                                 torch::Tensor context_lens, int64_t num_heads,
+                                 int64_t num_kv_heads, double eps, double scale) {
+  constexpr size_t kPerLayer = 6;
+  TORCH_CHECK(weights.size() % kPerLayer == 0 && caches.size() * 3 == weights.size(),
+              "weights: 6 per layer, caches: 2 per layer");
+  pybind11::gil_scoped_release no_gil;
+  const int64_t layers = static_cast<int64_t>(caches.size() / 2);
+  const int64_t tokens = x.size(0), head_dim = cos.size(-1);
+  at::Tensor hidden = x, pending;
+  at::Tensor normed = layer_ops::add_rms_norm(x, std::nullopt, weights[0], eps, 1.0)[0];
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = weights.data() + l * kPerLayer;
+    const at::Tensor& k_cache = caches[2 * l];
+    const at::Tensor& v_cache = caches[2 * l + 1];
+    if (l > 0) {  // the previous layer's MLP residual, added by this layer's input norm
+      auto nh = layer_ops::add_rms_norm(pending, hidden, w[0], eps, 1.0);
+      normed = nh[0];
+      hidden = nh[1];
+    }
+    at::Tensor qkv = packed_linear(normed, w[1]);
+    layer_ops::rotary_store(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads);
+    at::Tensor q = qkv.narrow(1, 0, num_heads * head_dim).view({tokens, num_heads, head_dim});
+    at::Tensor attn = attention::paged_decode_attention(q, k_cache, v_cache, block_tables,
+                                                        context_lens, scale);
+    at::Tensor o = packed_linear(attn.view({tokens, num_heads * head_dim}), w[2]);
+    auto nh = layer_ops::add_rms_norm(o, hidden, w[3], eps, 1.0);
+    hidden = nh[1];
+    pending = packed_linear(layer_ops::silu_and_mul(packed_linear(nh[0], w[4])), w[5]);
+  }
+  return layer_ops::add_rms_norm(pending, hidden, final_norm, eps, 1.0)[0];
+}
+"""
+
+
+def _body(source: str) -> str:
+    """A kernel source without its includes (they go once at the top of this unit)."""
+    return "\n".join(line for line in source.splitlines()
+                     if not line.lstrip().startswith("#include"))
+
+
+_SOURCE = (_HEADER
+           + "namespace layer_ops {\n" + _body(LAYER_OPS_SOURCE) + "\n}  // namespace layer_ops\n"
+           # The attention kernel is built with contraction on, as in its own extension.
+           + "#pragma GCC push_options\n#pragma GCC optimize(\"fp-contract=fast\")\n"
+           + "namespace attention {\n" + _body(ATTENTION_SOURCE) + "\n}  // namespace attention\n"
+           + "#pragma GCC pop_options\n"
+           + _DRIVER)
+
+
+@functools.cache
+def load_extension():
+    """Compiles (first call on a machine) and loads the extension; None if it cannot build.
+    `-ffp-contract=off` as for `layer_ops`: its ops must round like torch's."""
+    return build("decode_stack_cpu", _SOURCE, ["llama_decode_stack"],
+                 cflags=("-ffp-contract=off",))
