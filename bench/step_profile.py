@@ -5,13 +5,17 @@ Categories (exclusive wall time per decode step, measured by wrapping the engine
 forward hooks on modules, wrappers on methods; nothing in the engine changes):
 - gemm: every linear layer (q/k/v/o, gate/up/down; packed or int8) and the LM head;
 - attention: the paged-attention layer (KV store + the C++ decode kernel);
+  inside the one-call decoder stack (`engine.kernels.decode_stack`), which module hooks cannot
+  see into, the stack itself times its GEMMs and attention kernel (the KV store, with RoPE, is
+  then in "other model ops");
 - other model ops: what else the forward runs (embedding, norms, RoPE, SiLU-gate, residuals);
 - input preparation: the model runner's step inputs and attention metadata;
 - sampling: the decoding pipeline on the logits (transforms, sampler, strategy bookkeeping);
 - output: detokenization, stop checks, deltas;
 - scheduler: scheduling and its update after the step;
 - engine glue: the rest of `Engine.step` and the model runner's step (Python between the parts).
-The GEMM floor is the time of the same GEMMs alone at M = batch (`bench.throughput.linear_floor`).
+The GEMM floor is the time of the same GEMMs alone at M = batch (`bench.throughput.linear_floor`,
+timed in C++ for prepacked weights).
 
     python bench/step_profile.py [--batches 1,32] [--dtypes float32,bfloat16] [--steps 24] [--out DIR]
 
@@ -36,6 +40,7 @@ from bench.shapes import random_prompts  # noqa: E402
 from bench.throughput import linear_floor  # noqa: E402
 from engine.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
+from engine.kernels import decode_stack  # noqa: E402
 from engine.loader import resolve_model_dir  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -113,15 +118,24 @@ def profile(model_dir: Path, dtype: str, batch: int, steps: int) -> dict:
     for _ in range(4):  # every prompt prefilled (one step each at most), then decode only
         engine.step()
     clock.reset()
-    for _ in range(steps):
-        engine.step()
-    totals = dict(clock.totals)  # the steps that run the requests out are not counted
+    inside = decode_stack.timings = torch.zeros(2, dtype=torch.float64)
+    try:
+        for _ in range(steps):
+            engine.step()
+    finally:
+        decode_stack.timings = None
+    totals = dict(clock.totals)
+    gemm, attention = inside.tolist()  # the stack's calls ran under the model's hook
+    totals["gemm"] += gemm
+    totals["attention"] += attention
+    totals["other model ops"] -= gemm + attention  # the steps that run the requests out are not counted
     while engine.has_unfinished_requests():
         engine.step()
     per_step = {k: round(v / steps * 1e3, 3) for k, v in totals.items()}
     total = sum(per_step.values())
     floor_ms = batch / linear_floor(engine, batch) * 1e3
-    return {"dtype": dtype, "batch": batch, "step_ms": round(total, 2), "split_ms": per_step,
+    return {"dtype": dtype, "batch": batch, "decode_stack": gemm > 0, "step_ms": round(total, 2),
+            "split_ms": per_step,
             "gemm_floor_ms": round(floor_ms, 2), "floor_fraction": round(floor_ms / total, 3)}
 
 

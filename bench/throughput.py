@@ -29,6 +29,8 @@ from bench.common import emit, machine  # noqa: E402
 from bench.shapes import THROUGHPUT, random_prompts  # noqa: E402
 from engine.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
+from engine.kernels import decode_stack  # noqa: E402
+from engine.layers.packed_linear import PackedLinear  # noqa: E402
 from engine.loader import resolve_model_dir  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -68,11 +70,18 @@ def decode_rate(run, max_new: int, repeats: int = 2) -> float:
 
 def linear_floor(engine: Engine, batch: int, repeats: int = 5) -> float:
     """Tokens/s if a decode step cost only its GEMMs (all layers + LM head) at M = batch,
-    run through the engine's own linear modules (prepacked or not)."""
+    run with the engine's own weights: prepacked ones timed in C++ (no Python between the
+    products, as in the engine's decode stack), others through their modules."""
     linears = [m for m in engine.runner.model.modules() if hasattr(m, "in_features")]
     xs = {m.in_features: torch.randn(batch, m.in_features, dtype=engine.runner.dtype)
           for m in linears}
     with torch.inference_mode():
+        if all(isinstance(m, PackedLinear) for m in linears):
+            seconds = decode_stack.packed_linears_seconds(
+                [xs[m.in_features] for m in linears], [m.packed_weight for m in linears],
+                repeats)
+            if seconds is not None:
+                return batch / seconds
         for m in linears:
             m(xs[m.in_features])
         start = time.perf_counter()

@@ -94,3 +94,22 @@ def test_stack_releases_the_gil(model_dir, monkeypatch):
     assert step > 0.01, f"a stack call took {step * 1e3:.1f} ms: too short to tell"
     assert max(pauses) < step / 2, (f"the other thread paused {max(pauses) * 1e3:.1f} ms "
                                     f"during {step * 1e3:.1f} ms stack calls")
+
+
+def test_timings_split_the_call_without_changing_it(model_dir, monkeypatch):
+    engine = make_engine(model_dir, num_blocks=64, enable_prefix_caching=False)
+    plain = _generate(engine, PROMPTS[:2], True, monkeypatch, max_new=6)
+    monkeypatch.setattr(decode_stack, "timings", torch.zeros(2, dtype=torch.float64))
+    calls = []
+    run = decode_stack.run
+
+    def timed_run(*args, **kwargs):
+        start = time.perf_counter()
+        out = run(*args, **kwargs)
+        calls.append(time.perf_counter() - start)
+        return out
+
+    monkeypatch.setattr(decode_stack, "run", timed_run)
+    assert _generate(engine, PROMPTS[:2], True, monkeypatch, max_new=6) == plain
+    gemm, attention = decode_stack.timings.tolist()
+    assert len(calls) == 5 and 0 < attention < gemm < sum(calls)

@@ -18,6 +18,11 @@ from engine.kernels import backend
 from engine.kernels.decode_stack.cpu import load_extension
 
 
+timings: torch.Tensor | None = None
+"""When a profiler sets a float64 [2] tensor here, every stack call adds its GEMM and attention
+seconds to it (what the model's own hooks cannot see inside the call)."""
+
+
 def enabled() -> bool:
     return (os.environ.get("POLYDECODE_DECODE_STACK", "1") != "0"
             and backend(torch.device("cpu")) == "cpu")
@@ -42,4 +47,12 @@ def run(weights: list[torch.Tensor], x: torch.Tensor, rope: tuple[torch.Tensor, 
     return load_extension().llama_decode_stack(
         x.contiguous(), cos.contiguous(), sin.contiguous(), weights, caches,
         final_norm.detach(), meta.slot_mapping, meta.decode_block_tables.contiguous(),
-        meta.decode_context_lens.contiguous(), num_heads, num_kv_heads, eps, scale)
+        meta.decode_context_lens.contiguous(), num_heads, num_kv_heads, eps, scale, timings)
+
+
+def packed_linears_seconds(inputs: list[torch.Tensor], packed: list[torch.Tensor],
+                           repeats: int) -> float | None:
+    """Seconds per pass of `inputs[i]` times prepacked weight `packed[i]` for every i, timed
+    in C++ (best of `repeats`); None when the extension does not build."""
+    ext = load_extension()
+    return None if ext is None else ext.packed_linears_seconds(inputs, packed, repeats)

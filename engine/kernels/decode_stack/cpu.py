@@ -10,9 +10,14 @@ result equals the module-by-module forward bit for bit. It releases the GIL for 
 so a server's gRPC thread runs while the engine computes.
 
 `llama_decode_stack(x, cos, sin, weights, caches, final_norm, slots, block_tables,
-context_lens, num_heads, num_kv_heads, eps, scale)`: x [tokens, hidden] embedded inputs, one
-token per sequence; weights: per layer (input norm, packed qkv, packed o, post-attention norm,
-packed gate/up, packed down); caches: per layer (k, v). Returns the final-normed hidden states.
+context_lens, num_heads, num_kv_heads, eps, scale, timings)`: x [tokens, hidden] embedded
+inputs, one token per sequence; weights: per layer (input norm, packed qkv, packed o,
+post-attention norm, packed gate/up, packed down); caches: per layer (k, v); timings: None, or
+a float64 [2] tensor that the call adds its GEMM and attention seconds to (a profiler's view
+inside the call). Returns the final-normed hidden states.
+
+`packed_linears_seconds(inputs, packed, repeats)`: the same products alone, timed in C++ (the
+GEMM floor the benchmarks compare a step with).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ _HEADER = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -51,16 +57,39 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
 
 }  // namespace
 
+// Wall time of one call into the `timings` slots (gemm, attention) when they are asked for.
+class Split {
+ public:
+  explicit Split(const c10::optional<torch::Tensor>& timings)
+      : slots_(timings.has_value() ? timings->data_ptr<double>() : nullptr) {}
+  template <typename F> auto operator()(int slot, F&& f) {
+    if (slots_ == nullptr) return f();
+    const auto start = std::chrono::steady_clock::now();
+    auto result = f();
+    slots_[slot] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+                        .count();
+    return result;
+  }
+
+ private:
+  double* slots_;
+};
+
 torch::Tensor llama_decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
                                  std::vector<torch::Tensor> weights,
                                  std::vector<torch::Tensor> caches, torch::Tensor final_norm,
                                  torch::Tensor slots, torch::Tensor block_tables,
                                  torch::Tensor context_lens, int64_t num_heads,
-                                 int64_t num_kv_heads, double eps, double scale) {
+                                 int64_t num_kv_heads, double eps, double scale,
+                                 c10::optional<torch::Tensor> timings) {
   constexpr size_t kPerLayer = 6;
   TORCH_CHECK(weights.size() % kPerLayer == 0 && caches.size() * 3 == weights.size(),
               "weights: 6 per layer, caches: 2 per layer");
+  TORCH_CHECK(!timings.has_value() || (timings->dtype() == torch::kFloat64 &&
+                                      timings->numel() >= 2 && timings->is_contiguous()),
+              "timings: float64 [2] (gemm, attention seconds)");
   pybind11::gil_scoped_release no_gil;
+  Split split(timings);
   const int64_t layers = static_cast<int64_t>(caches.size() / 2);
   const int64_t tokens = x.size(0), head_dim = cos.size(-1);
   at::Tensor hidden = x, pending;
@@ -74,17 +103,40 @@ torch::Tensor llama_decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tens
       normed = nh[0];
       hidden = nh[1];
     }
-    at::Tensor qkv = packed_linear(normed, w[1]);
+    at::Tensor qkv = split(0, [&] { return packed_linear(normed, w[1]); });
     layer_ops::rotary_store(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads);
     at::Tensor q = qkv.narrow(1, 0, num_heads * head_dim).view({tokens, num_heads, head_dim});
-    at::Tensor attn = attention::paged_decode_attention(q, k_cache, v_cache, block_tables,
-                                                        context_lens, scale);
-    at::Tensor o = packed_linear(attn.view({tokens, num_heads * head_dim}), w[2]);
+    at::Tensor attn = split(1, [&] {
+      return attention::paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                               scale);
+    });
+    at::Tensor o = split(0, [&] {
+      return packed_linear(attn.view({tokens, num_heads * head_dim}), w[2]);
+    });
     auto nh = layer_ops::add_rms_norm(o, hidden, w[3], eps, 1.0);
     hidden = nh[1];
-    pending = packed_linear(layer_ops::silu_and_mul(packed_linear(nh[0], w[4])), w[5]);
+    at::Tensor gate_up = split(0, [&] { return packed_linear(nh[0], w[4]); });
+    at::Tensor act = layer_ops::silu_and_mul(gate_up);
+    pending = split(0, [&] { return packed_linear(act, w[5]); });
   }
   return layer_ops::add_rms_norm(pending, hidden, final_norm, eps, 1.0)[0];
+}
+
+// Seconds per pass over `inputs[i] @ packed[i]` for every i, best of `repeats` passes after
+// one warm-up: the GEMM floor of a step, timed without any Python between the products.
+double packed_linears_seconds(std::vector<torch::Tensor> inputs,
+                              std::vector<torch::Tensor> packed, int64_t repeats) {
+  TORCH_CHECK(inputs.size() == packed.size() && repeats >= 1, "one input per weight");
+  pybind11::gil_scoped_release no_gil;
+  double best = INFINITY;
+  for (int64_t r = 0; r <= repeats; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < inputs.size(); ++i) packed_linear(inputs[i], packed[i]);
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (r > 0) best = std::min(best, elapsed);
+  }
+  return best;
 }
 """
 
@@ -108,5 +160,5 @@ _SOURCE = (_HEADER
 def load_extension():
     """Compiles (first call on a machine) and loads the extension; None if it cannot build.
     `-ffp-contract=off` as for `layer_ops`: its ops must round like torch's."""
-    return build("decode_stack_cpu", _SOURCE, ["llama_decode_stack"],
+    return build("decode_stack_cpu", _SOURCE, ["llama_decode_stack", "packed_linears_seconds"],
                  cflags=("-ffp-contract=off",))
