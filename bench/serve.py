@@ -455,7 +455,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="output lengths uniform in [(1-r) x max, max]; 0 = all equal")
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--quantization", default="none", choices=["none", "int8"])
+    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-num-seqs", type=int, default=None,
                     help="server and offline max_num_seqs (default: the largest concurrency)")

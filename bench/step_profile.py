@@ -3,7 +3,7 @@ and bfloat16, next to the GEMM floor of the same dtype.
 
 Categories (exclusive wall time per decode step, measured by wrapping the engine's own objects:
 forward hooks on modules, wrappers on methods; nothing in the engine changes):
-- gemm: every linear layer (q/k/v/o, gate/up/down; packed or int8) and the LM head;
+- gemm: every linear layer (q/k/v/o, gate/up/down; packed, int8 or int4) and the LM head;
 - attention: the paged-attention layer (KV store + the C++ decode kernel);
   inside the one-call decoder stack (`engine.kernels.decode_stack`), which module hooks cannot
   see into, the stack itself times its GEMMs and attention kernel (the KV store, with RoPE, is
@@ -96,7 +96,7 @@ def instrument(engine: Engine) -> Clock:
     clock.wrap(model, "compute_logits", "gemm")
     for module in model.modules():
         kind = type(module).__name__
-        if kind in ("Linear", "PackedLinear", "Int8WeightOnlyLinear"):
+        if kind in ("Linear", "PackedLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear"):
             clock.hook(module, "gemm")
         elif kind == "PagedAttention":
             clock.hook(module, "attention")

@@ -112,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--quantization", default="none", choices=["none", "int8"])
+    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-prompts", type=int, default=THROUGHPUT["num_prompts"])
     ap.add_argument("--max-new-tokens", type=int, default=THROUGHPUT["max_new_tokens"])

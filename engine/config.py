@@ -38,8 +38,9 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     num_threads: int | None = None
     """torch intra-op threads; None keeps torch's default (one per core)."""
     quantization: str = "none"
-    """"none", or "int8": weight-only int8 linear layers (per-channel scales), a quarter of
-    float32's weight bytes for memory-bound decode."""
+    """"none"; "int8": weight-only int8 linear layers (per-channel scales), a quarter of
+    float32's weight bytes for memory-bound decode; "int4": weight-only int4 in groups of 32
+    (llama.cpp's Q4_1 form), an eighth (CPU, bfloat16 only)."""
     prepack_weights: bool = True
     """Reorder float32 / bfloat16 CPU linear weights once into oneDNN's blocked GEMM layout
     (faster decode GEMMs; see engine/layers/packed_linear.py)."""
@@ -82,8 +83,8 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
         _require(self.device == "auto" or self.device == "cpu" or
                  re.fullmatch(r"cuda(:\d+)?", self.device) is not None, "device", self.device,
                  "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        _require(self.quantization in ("none", "int8"), "quantization", self.quantization,
-                 "must be 'none' or 'int8'")
+        _require(self.quantization in ("none", "int8", "int4"), "quantization",
+                 self.quantization, "must be 'none', 'int8' or 'int4'")
         _require(self.attention_backend in ("auto", "torch"), "attention_backend",
                  self.attention_backend, "must be 'auto' or 'torch'")
         _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len",

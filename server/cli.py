@@ -39,8 +39,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run decode steps eagerly instead of replaying the CUDA "
                         "graphs captured at start-up")
-    p.add_argument("--quantization", default="none", choices=["none", "int8"],
-                   help="int8: weight-only int8 linear layers")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                   help="int8 / int4: weight-only int8 / int4 linear layers")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--norm-scheme", default=None, choices=["pre", "lns", "mix_ln"],
                    help="Llama norm placement: pre (standard), lns (LayerNorm-Scaling), "

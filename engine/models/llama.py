@@ -29,6 +29,7 @@ from engine.kernels import decode_stack, layer_ops
 from engine.layers.attention import PagedAttention
 from engine.layers.norms import RMSNorm
 from engine.layers.packed_linear import PackedLinear
+from engine.layers.quantize import INT4_GROUP, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 
 # HF checkpoint name -> (our fused parameter, shard index). q/k/v and gate/up are fused so each
@@ -224,22 +225,37 @@ def _capture(captures: dict[str, torch.Tensor] | None, index: int, ffn_input: to
         captures[f"ffn_input:{index}"] = ffn_input
 
 
-def _stack_weights(layers) -> list[torch.Tensor] | None:
-    weights: list[torch.Tensor] = []
+def _linear_kind(module) -> tuple[str, list[torch.Tensor]] | None:
+    """(kind, [weight, aux]) of a linear module as the decode stack takes it, or None."""
+    if getattr(module, "bias", None) is not None:
+        return None
+    if isinstance(module, PackedLinear):
+        return "packed", [module.packed_weight, module.packed_weight]  # aux unused
+    if isinstance(module, Int8WeightOnlyLinear):
+        return "int8", [module.weight_int8, module.scales]
+    if isinstance(module, Int4WeightOnlyLinear):
+        return "int4", [module.weight_int4, module.scales_and_zeros]
+    return None
+
+
+def _stack_weights(layers) -> tuple[str, list[torch.Tensor]] | None:
+    kinds, weights = set(), []
     for layer in layers:
         if layer.is_post_ln or layer.lns_scale is not None:
             return None
         attn, mlp = layer.self_attn, layer.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        dtype = norms[0].dtype
-        if not all(isinstance(m, PackedLinear) and m.bias is None and m.weight.dtype == dtype
-                   for m in linears) or norms[1].dtype != dtype:
+        linears = [_linear_kind(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
+                                             mlp.down_proj)]
+        norms = (layer.input_layernorm.weight.detach(),
+                 layer.post_attention_layernorm.weight.detach())
+        if None in linears or norms[1].dtype != norms[0].dtype:
             return None
-        weights += [norms[0].detach(), attn.qkv_proj.packed_weight, attn.o_proj.packed_weight,
-                    norms[1].detach(), mlp.gate_up_proj.packed_weight,
-                    mlp.down_proj.packed_weight]
-    return weights
+        kinds.update(kind for kind, _ in linears)
+        weights += [norms[0], *linears[0][1], *linears[1][1], norms[1], *linears[2][1],
+                    *linears[3][1]]
+    if len(kinds) != 1:
+        return None
+    return kinds.pop(), weights
 
 
 class LlamaForCausalLM(nn.Module):
@@ -272,20 +288,23 @@ class LlamaForCausalLM(nn.Module):
         captures: dict[str, torch.Tensor] = {}
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
-        if decode_stack.applies(self._stack_weights(), x, kv_caches, meta, capture_layers):
+        stack = self._stack_weights()
+        if stack and decode_stack.applies(stack[1], x, kv_caches, meta, capture_layers):
             cfg, attn = self.config, self.layers[0].self_attn.attn
-            return decode_stack.run(self._stack_weights(), x, rope, kv_caches, self.norm.weight,
-                                    meta, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                    cfg.rms_norm_eps, attn.scale), captures
+            return decode_stack.run(stack[1], x, rope, kv_caches, self.norm.weight, meta,
+                                    cfg.num_attention_heads, cfg.num_key_value_heads,
+                                    cfg.rms_norm_eps, attn.scale, stack[0],
+                                    INT4_GROUP), captures
         for i, layer in enumerate(self.layers):
             sink = captures if i in capture_layers else None
             x = layer(rope, x, kv_caches[i], meta, sink, i)
         return self.norm(x), captures
 
-    def _stack_weights(self) -> list[torch.Tensor] | None:
-        """The decode stack's weights (6 per layer: input norm, packed qkv, packed o,
-        post-attention norm, packed gate/up, packed down), or None when a layer is outside its
-        form (Post-LN, run-time LNS scaling, an unpacked or quantized linear, mixed dtypes).
+    def _stack_weights(self) -> tuple[str, list[torch.Tensor]] | None:
+        """The decode stack's linear kind and weights (10 per layer: input norm, qkv weight and
+        aux, o weight and aux, post-attention norm, gate/up and down weights and aux), or None
+        when a layer is outside its form (Post-LN, run-time LNS scaling, a plain or biased
+        linear, mixed linear kinds or norm dtypes).
         Collected on first use: linears are prepacked after the model is built."""
         if not hasattr(self, "_stack"):
             self._stack = _stack_weights(self.layers)

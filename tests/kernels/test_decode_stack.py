@@ -1,8 +1,9 @@
 """The one-call C++ decoder stack against the model's own module-by-module forward (which the
 HF-parity oracle tests hold to transformers): the same tokens and the same logprobs, bit for
 bit, in float32 and bfloat16, at batch 1 and over a mixed batch whose contexts cross block
-boundaries. int8 linears are outside its form: those models run the eager forward (the
-Post-LN layers of Mix-LN too, which `tests/models/test_norm_schemes.py` holds to HF)."""
+boundaries, with prepacked, int8 and int4 linears. A model outside its form runs the eager
+forward (the Post-LN layers of Mix-LN too, which `tests/models/test_norm_schemes.py` holds to
+HF)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,23 @@ def test_stack_equals_eager_forward(model_dir, dtype, monkeypatch):
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
 
 
-def test_int8_linears_run_eagerly(model_dir):
-    engine = make_engine(model_dir, num_blocks=64, quantization="int8")
-    assert engine.runner.model._stack_weights() is None
+@pytest.mark.parametrize("quantization,dtype", [("int8", "float32"), ("int4", "bfloat16")])
+def test_quantized_stack_equals_eager_forward(model_dir, quantization, dtype, monkeypatch):
+    engine = make_engine(model_dir, quantization=quantization, dtype=dtype,
+                         enable_prefix_caching=False)
+    assert engine.runner.model._stack_weights()[0] == quantization
+    eager = _generate(engine, PROMPTS, False, monkeypatch)
+    assert _generate(engine, PROMPTS, True, monkeypatch) == eager
+
+
+def test_unpacked_linears_run_eagerly(model_dir, monkeypatch):
+    engine = make_engine(model_dir, num_blocks=64)
+    model = engine.runner.model
+    layer = model.layers[3].mlp
+    layer.down_proj = torch.nn.Linear(layer.down_proj.in_features, layer.down_proj.out_features,
+                                      bias=False)
+    model.__dict__.pop("_stack", None)  # collected again on the next call
+    assert model._stack_weights() is None
     out = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4, temperature=0.0))
     assert all(len(o.token_ids) == 4 for o in out)
 

@@ -3,8 +3,9 @@ replaying a captured graph. The model calls `run` when the step allows it and it
 module-by-module forward otherwise; both give the same bits.
 
 It applies to an all-decode step on the CPU backend (one new token per sequence, block tables
-for the paged kernel, no activation captures) of a Pre-LN Llama whose linears are oneDNN-
-prepacked (`PackedLinear`, float32 or bfloat16) and whose KV cache has the model's dtype.
+for the paged kernel, no activation captures) of a Pre-LN Llama whose linears are all
+oneDNN-prepacked (`PackedLinear`, float32 or bfloat16) or all weight-only int8 or int4, and whose
+KV cache has the model's dtype.
 `POLYDECODE_DECODE_STACK=0` turns it off (the eager forward then runs every step).
 """
 
@@ -38,16 +39,21 @@ def applies(weights, x: torch.Tensor, kv_caches, meta, capture_layers) -> bool:
             and load_extension() is not None)
 
 
+LINEAR_KINDS = {"packed": 0, "int8": 1, "int4": 2}
+"""The stack's linear kinds: oneDNN-prepacked float weights, weight-only int8, weight-only int4."""
+
+
 def run(weights: list[torch.Tensor], x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
         kv_caches, final_norm: torch.Tensor, meta, num_heads: int, num_kv_heads: int,
-        eps: float, scale: float) -> torch.Tensor:
+        eps: float, scale: float, linear_kind: str = "packed", group: int = 0) -> torch.Tensor:
     """The final-normed hidden states [tokens, hidden] of the decode step (KV written)."""
     caches = [t for pair in kv_caches for t in pair]
     cos, sin = rope
     return load_extension().llama_decode_stack(
         x.contiguous(), cos.contiguous(), sin.contiguous(), weights, caches,
         final_norm.detach(), meta.slot_mapping, meta.decode_block_tables.contiguous(),
-        meta.decode_context_lens.contiguous(), num_heads, num_kv_heads, eps, scale, timings)
+        meta.decode_context_lens.contiguous(), num_heads, num_kv_heads, eps, scale,
+        LINEAR_KINDS[linear_kind], group, timings)
 
 
 def packed_linears_seconds(inputs: list[torch.Tensor], packed: list[torch.Tensor],

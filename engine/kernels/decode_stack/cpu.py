@@ -4,15 +4,18 @@
 An all-decode step at batch 1 is about ten small ops per layer; from Python each costs tens of
 microseconds of module calls and dispatch, a third of the step at batch 1. This extension runs
 the same ops in the same order from C++: the per-layer kernels of `layer_ops` and
-`paged_attention` (their sources compiled into this unit, each in its own namespace) and
-oneDNN's prepacked linear (`mkldnn::_linear_pointwise`, the op `PackedLinear` calls), so its
-result equals the module-by-module forward bit for bit. It releases the GIL for the whole stack,
+`paged_attention` (their sources compiled into this unit, each in its own namespace) and the
+linear op each linear module calls (oneDNN's prepacked `mkldnn::_linear_pointwise`, or the
+weight-only int8 / int4 GEMMs), so its result equals the module-by-module forward bit for bit. It releases the GIL for the whole stack,
 so a server's gRPC thread runs while the engine computes.
 
 `llama_decode_stack(x, cos, sin, weights, caches, final_norm, slots, block_tables,
-context_lens, num_heads, num_kv_heads, eps, scale, timings)`: x [tokens, hidden] embedded
-inputs, one token per sequence; weights: per layer (input norm, packed qkv, packed o,
-post-attention norm, packed gate/up, packed down); caches: per layer (k, v); timings: None, or
+context_lens, num_heads, num_kv_heads, eps, scale, linear_kind, group, timings)`: x [tokens,
+hidden] embedded inputs, one token per sequence; weights: per layer (input norm, qkv weight,
+qkv aux, o weight, o aux, post-attention norm, gate/up weight, gate/up aux, down weight, down
+aux), where a linear is a oneDNN-prepacked weight (kind 0, aux unused), int8 weights and
+per-channel scales (kind 1) or int4 packed weights and group scales / zeros (kind 2, groups of
+`group`); caches: per layer (k, v); timings: None, or
 a float64 [2] tensor that the call adds its GEMM and attention seconds to (a profiler's view
 inside the call). Returns the final-normed hidden states.
 
@@ -55,6 +58,23 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
                  c10::string_view(""));
 }
 
+// The linear kinds of a stack (one per model): oneDNN-prepacked float weights, weight-only
+// int8 (per-channel scales) and weight-only int4 (groups of `group`), each the op its Python
+// module calls.
+enum LinearKind : int64_t { kPacked = 0, kInt8 = 1, kInt4 = 2 };
+
+struct Linear {
+  int64_t kind, group;
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& weight,
+                        const at::Tensor& aux) const {
+    switch (kind) {
+      case kInt8: return at::_weight_int8pack_mm(x, weight, aux);
+      case kInt4: return at::_weight_int4pack_mm_for_cpu(x, weight, group, aux);
+      default: return packed_linear(x, weight);
+    }
+  }
+};
+
 }  // namespace
 
 // Wall time of one call into the `timings` slots (gemm, attention) when they are asked for.
@@ -81,10 +101,13 @@ torch::Tensor llama_decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tens
                                  torch::Tensor slots, torch::Tensor block_tables,
                                  torch::Tensor context_lens, int64_t num_heads,
                                  int64_t num_kv_heads, double eps, double scale,
+                                 int64_t linear_kind, int64_t group,
                                  c10::optional<torch::Tensor> timings) {
-  constexpr size_t kPerLayer = 6;
-  TORCH_CHECK(weights.size() % kPerLayer == 0 && caches.size() * 3 == weights.size(),
-              "weights: 6 per layer, caches: 2 per layer");
+  constexpr size_t kPerLayer = 10;
+  TORCH_CHECK(weights.size() % kPerLayer == 0 && caches.size() * 5 == weights.size(),
+              "weights: 10 per layer, caches: 2 per layer");
+  TORCH_CHECK(linear_kind >= kPacked && linear_kind <= kInt4, "unknown linear kind");
+  const Linear linear{linear_kind, group};
   TORCH_CHECK(!timings.has_value() || (timings->dtype() == torch::kFloat64 &&
                                       timings->numel() >= 2 && timings->is_contiguous()),
               "timings: float64 [2] (gemm, attention seconds)");
@@ -103,7 +126,7 @@ torch::Tensor llama_decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tens
       normed = nh[0];
       hidden = nh[1];
     }
-    at::Tensor qkv = split(0, [&] { return packed_linear(normed, w[1]); });
+    at::Tensor qkv = split(0, [&] { return linear(normed, w[1], w[2]); });
     layer_ops::rotary_store(qkv, cos, sin, k_cache, v_cache, slots, num_heads, num_kv_heads);
     at::Tensor q = qkv.narrow(1, 0, num_heads * head_dim).view({tokens, num_heads, head_dim});
     at::Tensor attn = split(1, [&] {
@@ -111,13 +134,13 @@ torch::Tensor llama_decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tens
                                                scale);
     });
     at::Tensor o = split(0, [&] {
-      return packed_linear(attn.view({tokens, num_heads * head_dim}), w[2]);
+      return linear(attn.view({tokens, num_heads * head_dim}), w[3], w[4]);
     });
-    auto nh = layer_ops::add_rms_norm(o, hidden, w[3], eps, 1.0);
+    auto nh = layer_ops::add_rms_norm(o, hidden, w[5], eps, 1.0);
     hidden = nh[1];
-    at::Tensor gate_up = split(0, [&] { return packed_linear(nh[0], w[4]); });
+    at::Tensor gate_up = split(0, [&] { return linear(nh[0], w[6], w[7]); });
     at::Tensor act = layer_ops::silu_and_mul(gate_up);
-    pending = split(0, [&] { return packed_linear(act, w[5]); });
+    pending = split(0, [&] { return linear(act, w[8], w[9]); });
   }
   return layer_ops::add_rms_norm(pending, hidden, final_norm, eps, 1.0)[0];
 }
