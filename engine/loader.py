@@ -28,6 +28,13 @@ _EMBEDDED_GGUF = {
 }
 
 
+def embedded_gguf(model: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file a packaged model is converted from (e.g. for peers that read it)."""
+    if model not in _EMBEDDED_GGUF:
+        raise ValueError(f"model {model!r} has no packaged GGUF file")
+    return _find_package_file(*_EMBEDDED_GGUF[model])
+
+
 def cache_root() -> Path:
     """Where converted models live: `$POLYDECODE_CACHE` or `~/.cache/polydecode`."""
     root = os.environ.get("POLYDECODE_CACHE") or Path.home() / ".cache" / "polydecode"

@@ -8,6 +8,8 @@
 #                      bench/peers/genlm_awrs.py runs under its python
 # make bench-peers-hf  builds .venv-hf455 (transformers 4.55.4, the last release with
 #                      contrastive search in `generate`), once; bench/decoding.py --hf-peer
+# make bench-peers-llamacpp  builds .venv-llamacpp (llama-cpp-python, compiled for this CPU),
+#                      once; bench/quantization.py --llamacpp
 #
 # Nothing here is needed to build or test polydecode itself.
 
@@ -26,8 +28,10 @@ PEER_ENV ?= HF_HUB_OFFLINE=1 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPAC
 PEER_ARGS ?= --repeats 3 --wait-quiet 300
 
 HF455_VENV  ?= .venv-hf455
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_VERSION ?= 0.3.36
 
-.PHONY: bench-peers bench-vllm-cpu bench-peers-genlm bench-peers-hf clean-peers
+.PHONY: bench-peers bench-vllm-cpu bench-peers-genlm bench-peers-hf bench-peers-llamacpp clean-peers
 
 bench-peers: $(VLLM_VENV)/.stamp
 
@@ -83,5 +87,16 @@ $(HF455_VENV)/.stamp: $(PEERS_DIR)/requirements-hf455.txt
 	$(HF455_VENV)/bin/python -c "import torch, transformers; assert torch.version.cuda is None, torch.__version__; assert transformers.__version__.startswith('4.55'); print('transformers', transformers.__version__, 'torch', torch.__version__)"
 	touch $@
 
+bench-peers-llamacpp: $(LLAMACPP_VENV)/.stamp
+
+# llama-cpp-python ships as source on PyPI: pip compiles llama.cpp with its CMake defaults
+# (native CPU flags, ~20 minutes on 2 cores), then a check that it imports.
+$(LLAMACPP_VENV)/.stamp:
+	rm -rf $(LLAMACPP_VENV)
+	python3 -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/pip install llama-cpp-python==$(LLAMACPP_VERSION)
+	$(LLAMACPP_VENV)/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+	touch $@
+
 clean-peers:
-	rm -rf $(VLLM_VENV) $(GENLM_VENV) $(HF455_VENV)
+	rm -rf $(VLLM_VENV) $(GENLM_VENV) $(HF455_VENV) $(LLAMACPP_VENV)

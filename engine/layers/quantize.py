@@ -12,7 +12,8 @@ llama.cpp's Q4_1 blocks (`w = q * d + min`, 32 weights a block). The product run
 fused int4 GEMM for the CPU (`aten._weight_int4pack_mm_for_cpu`, weights in its packed nibble
 layout, unpacked on the fly): an eighth of float32's weight bytes. A Q4_1 checkpoint converted to
 float (SmolLM2's GGUF) is re-quantized to the same grid, since every block's min and max are on
-it. Activations are bfloat16 (the kernel's fast path; float32 is refused); the LM head is quantized too, the embedding is not.
+it. Activations are bfloat16 (the kernel's fast path; float32 is refused); the LM head gets int8
+(see `quantize_linears`), the embedding stays in bfloat16.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ _LINEARS = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear}
 
 
 def quantize_linears(model: nn.Module, method: str) -> int:
-    """Replaces every `nn.Linear` of `model` per `method`; returns how many were replaced."""
+    """Replaces every `nn.Linear` of `model` per `method`; returns how many were replaced.
+    With int4 the LM head (`lm_head`) gets int8, as llama.cpp's Q4_1 files keep the (tied)
+    output matrix in Q8_0: it is the one matrix where 4 bits cost real accuracy."""
     if method == "none":
         return 0
     if method not in _LINEARS:
@@ -93,6 +96,7 @@ def quantize_linears(model: nn.Module, method: str) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, _LINEARS[method](child))
+                kind = "int8" if method == "int4" and name == "lm_head" else method
+                setattr(module, name, _LINEARS[kind](child))
                 count += 1
     return count

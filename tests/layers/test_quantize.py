@@ -86,16 +86,20 @@ def test_quantize_replaces_every_linear():
     model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 4, bias=False))
     assert quantize_linears(model, "int8") == 2
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    model = nn.Module()
+    model.proj, model.lm_head = (nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+                                 for _ in range(2))
+    assert quantize_linears(model, "int4") == 2
+    assert isinstance(model.proj, Int4WeightOnlyLinear)
+    assert isinstance(model.lm_head, Int8WeightOnlyLinear)
     with pytest.raises(ValueError, match="quantization"):
         quantize_linears(model, "int3")
 
 
-# int4 keeps float32's choice among its top 2 (on "Water boils at", where float32's first two
-# tokens are 0.32 and 0.25, it swaps them) at KL 0.02-0.08; int8 keeps it at KL <= 0.012.
-@pytest.mark.parametrize("quantization,dtype,max_kl,top", [("int8", "float32", 0.02, 1),
-                                                           ("int4", "bfloat16", 0.1, 2)])
-def test_quantized_model_tracks_float32_on_real_weights(model_dir, quantization, dtype, max_kl,
-                                                        top):
+# The default model's layers are Q4_1 in its GGUF file, so int4 re-quantizes them to the same
+# grid; its LM head is int8 (4 bits there cost KL up to 0.08 and a swapped first token).
+@pytest.mark.parametrize("quantization,dtype", [("int8", "float32"), ("int4", "bfloat16")])
+def test_quantized_model_tracks_float32_on_real_weights(model_dir, quantization, dtype):
     reference = make_engine(model_dir, num_blocks=64)
     quantized = make_engine(model_dir, num_blocks=64, quantization=quantization, dtype=dtype)
     for prompt in PROMPTS:
@@ -107,8 +111,8 @@ def test_quantized_model_tracks_float32_on_real_weights(model_dir, quantization,
             logits.append(_first_step_logits(engine, req, seq))
         p_ref, p_q = (torch.log_softmax(lg, -1) for lg in logits)
         kl = torch.sum(p_ref.exp() * (p_ref - p_q)).item()
-        assert logits[1].argmax() in logits[0].topk(top).indices, prompt
-        assert kl < max_kl, f"{prompt!r}: KL(fp32 || {quantization}) = {kl:.4f}"
+        assert logits[0].argmax() == logits[1].argmax(), prompt
+        assert kl < 0.02, f"{prompt!r}: KL(fp32 || {quantization}) = {kl:.4f}"
 
 
 def _first_step_logits(engine, req, seq) -> torch.Tensor:
