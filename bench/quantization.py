@@ -12,7 +12,7 @@ scored the same way on the same token ids.
     python bench/quantization.py [--tokens 8192] [--window 512] [--llamacpp] [--plot DIR]
 
 Prints one JSON line; progress goes to stderr. `--plot` writes DIR/quantization.png (decode rate
-against perplexity, one point per format).
+against perplexity, one point per format) and DIR/quantization.json.
 """
 
 from __future__ import annotations
@@ -145,6 +145,8 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         plot(rows, record.get("llamacpp"), out / "quantization.png")
     record["machine"] = machine()
+    if args.plot:
+        (out / "quantization.json").write_text(json.dumps(record, indent=1))
     emit(record)
 
 
