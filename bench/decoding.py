@@ -1,10 +1,10 @@
 """Decoding strategies on the real model: contrastive search and beam search against greedy.
 
-Everything runs in one process on the default model (float32, `--threads` 2, prefix caching
-on as by default; the prefix cache is cleared before every timed phase, so no phase reuses
-another's prefill). Prompts are 16 real English texts of 22-38 tokens (`PROMPTS`; contrastive
-search's cosine penalty is meaningless on random ids), ignore-eos, `--max-new-tokens` (64)
-each. Measured:
+Everything runs in one process on the default model (float32 or `--dtype`, `--threads` 2,
+prefix caching on as by default; the prefix cache is cleared before every timed phase, so no
+phase reuses another's prefill). Prompts are 16 real English texts of 22-38 tokens (`PROMPTS`;
+contrastive search's cosine penalty is meaningless on random ids), ignore-eos,
+`--max-new-tokens` (64) each. Measured:
 
 1. Greedy and contrastive search (k=4, alpha=0.6) on `--alone` prompts, each request alone
    (one `generate` call per prompt), and on all 16 prompts concurrently (one `generate` call).
@@ -330,6 +330,9 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the engine's dtype (the references stay float32: their token "
+                         "match is exact in float32 only)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--alone", type=int, default=4, help="prompts run one at a time")
     ap.add_argument("--reference-tokens", type=int, default=32,
@@ -351,7 +354,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     engine = Engine(EngineConfig(model=ModelConfig(
-        **({"model": args.model} if args.model else {}), dtype="float32",
+        **({"model": args.model} if args.model else {}), dtype=args.dtype,
         num_threads=args.threads)))
     model_dir = engine.runner.model_dir
     reference = load_reference(model_dir, engine.tokenizer.encode(prompts_of(args)[0]),
@@ -361,7 +364,7 @@ def main() -> None:
     match = next((i for i, (a, b) in enumerate(zip(engine_tokens, ref_tokens)) if a != b),
                  min(len(engine_tokens), len(ref_tokens)))
     log(f"the engine's contrastive tokens match the reference's first {match}")
-    record = {"bench": "decoding", "model": model_dir.name, "dtype": "float32",
+    record = {"bench": "decoding", "model": model_dir.name, "dtype": args.dtype,
               "top_k": TOP_K, "penalty_alpha": ALPHA, "num_beams": NUM_BEAMS,
               "max_new_tokens": args.max_new_tokens, "alone_prompts": args.alone,
               "long_context": args.long_context,

@@ -19,7 +19,7 @@ from engine.execution.attention_metadata import AttentionMetadata, LinearPrefill
 from engine.config import CacheConfig, ModelConfig
 from engine.execution.decode_graphs import DecodeGraphs
 from engine.execution.varlen import prepare_varlen
-from engine.kernels import backend, paged_attention
+from engine.kernels import backend, layer_ops, paged_attention
 from engine.execution.loaded_model import LoadedModel, load_model
 from engine.core.scheduler_output import ScheduledRequest, SchedulerOutput
 
@@ -238,10 +238,7 @@ class ModelRunner:
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([c[0] for c in copies], dtype=torch.long)
-        dst = torch.tensor([c[1] for c in copies], dtype=torch.long)
-        for cache in self._cache_tensors:
-            cache[dst] = cache[src]
+        layer_ops.copy_blocks(self._cache_tensors, copies)
 
     def _prepare_paged(self, items: list[ScheduledRequest]):
         """Inputs of a paged-KV model: every new token's KV slot, and the decode rows' block

@@ -95,3 +95,22 @@ def test_rotary_store_rejects_slots_outside_the_cache(ext):
         ext.rotary_store(qkv, cos, sin, cache, cache.clone(), torch.tensor([0, 4]), 3, 1)
     with pytest.raises(ValueError, match="rotary_store"):
         layer_ops.rotary_store(qkv, cos, sin, cache, cache.clone(), torch.tensor([0, 1]), 2, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_copy_blocks_equals_indexed_copy(dtype):
+    torch.manual_seed(3)
+    caches = [torch.randn(9, 16, 3, 64).to(dtype) for _ in range(4)] + \
+        [torch.randn(9, 2, 8, 8).to(dtype)]  # a state pool: one row per slot
+    copies = [(0, 5), (2, 7), (0, 8), (3, 1)]
+    expected = [c.clone() for c in caches]
+    src, dst = (torch.tensor([c[i] for c in copies]) for i in (0, 1))
+    for cache in expected:
+        cache[dst] = cache[src]
+    layer_ops.copy_blocks(caches, copies)
+    for actual, want in zip(caches, expected):
+        assert torch.equal(actual, want)
+    with pytest.raises(ValueError, match="both a source and a target"):
+        layer_ops.copy_blocks(caches, [(1, 2), (2, 3)])
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        layer_ops.copy_blocks(caches, [(1, 9)])

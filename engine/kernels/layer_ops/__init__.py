@@ -1,6 +1,6 @@
 """The small per-layer ops of a Llama decode step, fused for the CPU (see `cpu.py`):
 `add_rms_norm`, `rotary_store` (RoPE on q and k inside the qkv output + the KV-cache write) and
-`silu_and_mul`. Each validates its arguments and runs the C++ kernel on CPU tensors when it
+`silu_and_mul`, and the KV-cache block copies `copy_blocks`. Each validates its arguments and runs the C++ kernel on CPU tensors when it
 builds, else the torch form in `reference.py`."""
 
 from __future__ import annotations
@@ -78,3 +78,24 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if ext is None:
         return silu_and_mul_reference(gate_up)
     return ext.silu_and_mul(gate_up)
+
+
+def copy_blocks(caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> None:
+    """In place: for every tensor of `caches` (all on one device), row dst (a block or state
+    slot) becomes a copy of row src, for each (src, dst) of `copies`; no row may be both a
+    source and a target."""
+    sources, targets = [c[0] for c in copies], [c[1] for c in copies]
+    _require(not set(sources) & set(targets),
+             "copy_blocks: a block is both a source and a target")
+    if not caches or not copies:
+        return
+    device = caches[0].device
+    ext = compiled() if device.type == "cpu" and all(c.is_contiguous() for c in caches) \
+        else None
+    src = torch.tensor(sources, dtype=torch.int64, device=device)
+    dst = torch.tensor(targets, dtype=torch.int64, device=device)
+    if ext is None:
+        for cache in caches:
+            cache[dst] = cache[src]
+    else:
+        ext.copy_blocks(caches, src, dst)

@@ -10,6 +10,9 @@ of dispatch, and a Llama layer ran about thirty of them; here they are three cal
   q and k inside the fused qkv projection output (rotate-half RoPE) and writes the step's k and v
   rows into their cache slots, in place.
 - `silu_and_mul(gate_up)`: silu(gate) * up for the fused gate/up projection output.
+- `copy_blocks(caches, src, dst)`: block src[i] -> block dst[i] of every cache tensor (the
+  step's copy-on-write copies, e.g. the partial blocks of forked branches), one call for all
+  layers with the GIL released instead of two indexing ops per tensor.
 
 Each op rounds where the torch formulas in `reference.py` round: float32 products and sums are
 separate IEEE operations (no fused multiply-add), and in bfloat16 / float16 every intermediate
@@ -289,11 +292,35 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   });
   return out;
 }
+
+// ---- copy-on-write block copies: row src[i] -> row dst[i] of every (contiguous) cache tensor
+void copy_blocks(std::vector<torch::Tensor> caches, torch::Tensor src, torch::Tensor dst) {
+  pybind11::gil_scoped_release no_gil;
+  const int64_t pairs = src.numel(), num_caches = static_cast<int64_t>(caches.size());
+  const int64_t* sp = src.data_ptr<int64_t>();
+  const int64_t* dp = dst.data_ptr<int64_t>();
+  for (const auto& cache : caches) {
+    TORCH_CHECK(cache.is_contiguous() && cache.device().is_cpu(), "caches: contiguous CPU");
+    for (int64_t i = 0; i < pairs; ++i)
+      TORCH_CHECK(sp[i] >= 0 && sp[i] < cache.size(0) && dp[i] >= 0 && dp[i] < cache.size(0),
+                  "block ", sp[i], " -> ", dp[i], " outside the cache");
+  }
+  at::parallel_for(0, num_caches * pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const auto& cache = caches[job / pairs];
+      const int64_t i = job % pairs;
+      const int64_t row = cache.stride(0) * static_cast<int64_t>(cache.element_size());
+      auto* base = static_cast<char*>(cache.data_ptr());
+      std::memcpy(base + dp[i] * row, base + sp[i] * row, row);
+    }
+  });
+}
 """
 
 
 @functools.cache
 def load_extension():
     """Compiles (first call on a machine) and loads the extension; None if it cannot build."""
-    return build("layer_ops_cpu", _SOURCE, ["add_rms_norm", "rotary_store", "silu_and_mul"],
+    return build("layer_ops_cpu", _SOURCE, ["add_rms_norm", "rotary_store", "silu_and_mul",
+                                          "copy_blocks"],
                  cflags=("-ffp-contract=off",))
