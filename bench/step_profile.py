@@ -17,7 +17,8 @@ forward hooks on modules, wrappers on methods; nothing in the engine changes):
 The GEMM floor is the time of the same GEMMs alone at M = batch (`bench.throughput.linear_floor`,
 timed in C++ for prepacked weights).
 
-    python bench/step_profile.py [--batches 1,32] [--dtypes float32,bfloat16] [--steps 24] [--out DIR]
+    python bench/step_profile.py [--batches 1,32] [--dtypes float32,bfloat16] [--steps 24]
+        [--out DIR]
 
 Prints one JSON line and writes DIR/profile.json and DIR/profile.png (a stacked bar per setting).
 """
@@ -124,11 +125,11 @@ def profile(model_dir: Path, dtype: str, batch: int, steps: int) -> dict:
             engine.step()
     finally:
         decode_stack.timings = None
-    totals = dict(clock.totals)
+    totals = dict(clock.totals)  # the steps that run the requests out are not counted
     gemm, attention = inside.tolist()  # the stack's calls ran under the model's hook
     totals["gemm"] += gemm
     totals["attention"] += attention
-    totals["other model ops"] -= gemm + attention  # the steps that run the requests out are not counted
+    totals["other model ops"] -= gemm + attention
     while engine.has_unfinished_requests():
         engine.step()
     per_step = {k: round(v / steps * 1e3, 3) for k, v in totals.items()}

@@ -238,7 +238,7 @@ def _linear_kind(module) -> tuple[str, list[torch.Tensor]] | None:
     return None
 
 
-def _stack_weights(layers) -> tuple[str, list[torch.Tensor]] | None:
+def _collect_stack_weights(layers) -> tuple[str, list[torch.Tensor]] | None:
     kinds, weights = set(), []
     for layer in layers:
         if layer.is_post_ln or layer.lns_scale is not None:
@@ -307,7 +307,7 @@ class LlamaForCausalLM(nn.Module):
         linear, mixed linear kinds or norm dtypes).
         Collected on first use: linears are prepacked after the model is built."""
         if not hasattr(self, "_stack"):
-            self._stack = _stack_weights(self.layers)
+            self._stack = _collect_stack_weights(self.layers)
         return self._stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ microseconds of module calls and dispatch, a third of the step at batch 1. This 
 the same ops in the same order from C++: the per-layer kernels of `layer_ops` and
 `paged_attention` (their sources compiled into this unit, each in its own namespace) and the
 linear op each linear module calls (oneDNN's prepacked `mkldnn::_linear_pointwise`, or the
-weight-only int8 / int4 GEMMs), so its result equals the module-by-module forward bit for bit. It releases the GIL for the whole stack,
-so a server's gRPC thread runs while the engine computes.
+weight-only int8 / int4 GEMMs), so its result equals the module-by-module forward bit for bit.
+It releases the GIL for the whole stack, so a server's gRPC thread runs while the engine
+computes.
 
 `llama_decode_stack(x, cos, sin, weights, caches, final_norm, slots, block_tables,
 context_lens, num_heads, num_kv_heads, eps, scale, linear_kind, group, timings)`: x [tokens,
@@ -15,9 +16,9 @@ hidden] embedded inputs, one token per sequence; weights: per layer (input norm,
 qkv aux, o weight, o aux, post-attention norm, gate/up weight, gate/up aux, down weight, down
 aux), where a linear is a oneDNN-prepacked weight (kind 0, aux unused), int8 weights and
 per-channel scales (kind 1) or int4 packed weights and group scales / zeros (kind 2, groups of
-`group`); caches: per layer (k, v); timings: None, or
-a float64 [2] tensor that the call adds its GEMM and attention seconds to (a profiler's view
-inside the call). Returns the final-normed hidden states.
+`group`); caches: per layer (k, v); timings: None, or a float64 [2] tensor that the call adds
+its GEMM and attention seconds to (a profiler's view inside the call). Returns the final-normed
+hidden states.
 
 `packed_linears_seconds(inputs, packed, repeats)`: the same products alone, timed in C++ (the
 GEMM floor the benchmarks compare a step with).

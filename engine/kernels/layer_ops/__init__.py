@@ -1,7 +1,8 @@
 """The small per-layer ops of a Llama decode step, fused for the CPU (see `cpu.py`):
 `add_rms_norm`, `rotary_store` (RoPE on q and k inside the qkv output + the KV-cache write) and
-`silu_and_mul`, and the KV-cache block copies `copy_blocks`. Each validates its arguments and runs the C++ kernel on CPU tensors when it
-builds, else the torch form in `reference.py`."""
+`silu_and_mul`, and the KV-cache block copies `copy_blocks`. Each validates its arguments and
+runs the C++ kernel on CPU tensors when it builds, else the torch form (`reference.py`; for
+`copy_blocks`, indexed assignment)."""
 
 from __future__ import annotations
 
