@@ -19,6 +19,7 @@ import threading
 from collections import deque
 
 import msgspec
+import psutil
 import ray
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
@@ -43,9 +44,21 @@ _CALL_TIMEOUT_S = 10.0
 _ACCEPT_TIMEOUT_S = 60.0
 """A request no replica has admitted by then (none alive, or all of them at
 `max_ongoing_requests` all along) gets UNAVAILABLE instead of waiting on."""
+_LOCAL_START_ATTEMPTS = 3
 _LOAD_REFRESH_S = 2.0
 _CALL_HEADROOM = 16
 """Ongoing calls a replica takes beyond its engine's caps: load and score calls."""
+
+
+def _kill_started_since(before: set[int]) -> None:
+    """Kills this process's descendants whose pids are not in `before`, and waits for them."""
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for proc in started:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(started, timeout=10)
 
 
 def remote_error(exc: BaseException, replica: str | None) -> BaseException:
@@ -223,17 +236,34 @@ class ReplicaSet:
 
     def _deploy(self):
         if not ray.is_initialized():
-            local = self.cluster.ray_address is None
-            ray.init(address=self.cluster.ray_address, namespace="polydecode",
-                     include_dashboard=False, logging_level=logging.WARNING,
-                     num_cpus=max(os.cpu_count() or 1, replica_cpus(self.setup) *
-                                  self.cluster.replicas) if local else None,
-                     object_store_memory=(256 << 20) if local else None)
+            if self.cluster.ray_address is None:
+                self._start_local_ray()
+            else:
+                ray.init(address=self.cluster.ray_address, namespace="polydecode",
+                         include_dashboard=False, logging_level=logging.WARNING)
         serve.start(proxy_location="Disabled")
         log.info("deploying %d engine replicas (%s routing)", self.cluster.replicas,
                  self.cluster.routing)
         return serve.run(engine_deployment(self.setup, self.cluster).bind(self.setup),
                          name=self.cluster.app_name, route_prefix=None)
+
+    def _start_local_ray(self) -> None:
+        """Starts a local Ray cluster. Ray gives its raylet a fixed 30 s to register, which a
+        busy machine can miss: a start that times out is stopped and tried again."""
+        num_cpus = max(os.cpu_count() or 1, replica_cpus(self.setup) * self.cluster.replicas)
+        for attempt in range(1, _LOCAL_START_ATTEMPTS + 1):
+            before = {p.pid for p in psutil.Process().children(recursive=True)}
+            try:
+                ray.init(namespace="polydecode", include_dashboard=False,
+                         logging_level=logging.WARNING, num_cpus=num_cpus,
+                         object_store_memory=256 << 20)
+                return
+            except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on timeout
+                ray.shutdown()
+                _kill_started_since(before)  # the half-started GCS and raylet
+                if attempt == _LOCAL_START_ATTEMPTS or "timed out" not in str(exc):
+                    raise
+                log.warning("local Ray cluster did not start (%s); trying again", exc)
 
     def shutdown(self) -> None:
         """Deletes the deployment (each replica shuts its engine down); stops Ray too when

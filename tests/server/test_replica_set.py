@@ -4,7 +4,10 @@ refused requests, and the final output of an aborted stream (no Ray cluster need
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
+import psutil
 import pytest
 
 from cluster import replica_set
@@ -94,3 +97,43 @@ def test_an_aborted_stream_ends_with_the_counts_the_replica_sent(model_dir):
     assert final.finished and final.finish_reason == "abort" and final.new_token_ids == []
     assert (final.num_prompt_tokens, final.num_cached_tokens, final.num_forward_tokens) == \
         (5, 4, 7)
+
+
+class FlakyRayInit:
+    """`ray.init` that, `failures` times, starts a process (a stand-in for a GCS whose raylet
+    never registers) and raises what Ray raises on its 30 s startup timeout."""
+
+    def __init__(self, failures: int, message: str) -> None:
+        self.failures, self.message, self.calls, self.started = failures, message, 0, []
+
+    def __call__(self, **kwargs) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            self.started.append(subprocess.Popen([sys.executable, "-c", "import time; "
+                                                  "time.sleep(60)"]))
+            raise Exception(self.message)  # Ray's own type for it
+
+
+TIMEOUT = "The current node timed out during startup. This could happen because ..."
+
+
+def test_a_local_ray_start_that_times_out_is_cleaned_up_and_tried_again(model_dir, monkeypatch):
+    init = FlakyRayInit(failures=2, message=TIMEOUT)
+    monkeypatch.setattr(replica_set.ray, "init", init)
+    monkeypatch.setattr(replica_set.ray, "shutdown", lambda: None)
+    _replica_set(model_dir, Response([]))._start_local_ray()
+    assert init.calls == 3
+    assert len(init.started) == 2
+    assert not any(psutil.pid_exists(proc.pid) for proc in init.started)  # killed and reaped
+
+
+@pytest.mark.parametrize("message", [TIMEOUT, "port 6379 is already in use"])
+def test_a_local_ray_start_gives_up_after_three_timeouts_or_any_other_error(
+        model_dir, monkeypatch, message):
+    init = FlakyRayInit(failures=5, message=message)
+    monkeypatch.setattr(replica_set.ray, "init", init)
+    monkeypatch.setattr(replica_set.ray, "shutdown", lambda: None)
+    with pytest.raises(Exception, match=message[:20]):
+        _replica_set(model_dir, Response([]))._start_local_ray()
+    assert init.calls == (3 if message == TIMEOUT else 1)
+    assert not any(psutil.pid_exists(proc.pid) for proc in init.started)
