@@ -1,7 +1,8 @@
 """Weight-only int8 and int4 quantization of linear layers (applied from outside the model code).
 
 int8: each output channel of a weight gets one symmetric scale, `w ~= scale[n] * w_int8[n, :]`, and
-the product runs in torch's fused int8-weight GEMM (`aten._weight_int8pack_mm`), which converts
+the product runs in `engine.kernels.quant_linear.int8_linear` (a streaming C++ kernel for up to
+64 rows, torch's fused int8-weight GEMM `aten._weight_int8pack_mm` beyond), which converts
 weights on the fly: a quarter of float32's weight bytes, which is what batch-1 decode is bound
 by. Activations stay in the model dtype. The LM head is quantized too (it is the largest GEMM
 of a small model); the embedding table stays in the model dtype.
@@ -21,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.kernels.quant_linear import int8_linear
+
 QUANTIZATIONS = ("none", "int8", "int4")
 INT4_GROUP = 32
 
@@ -39,7 +42,8 @@ class Int8WeightOnlyLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+        out = int8_linear(x.reshape(-1, self.in_features), self.weight_int8, self.scales)
+        out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
 

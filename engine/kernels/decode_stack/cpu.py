@@ -5,8 +5,9 @@ An all-decode step at batch 1 is about ten small ops per layer; from Python each
 microseconds of module calls and dispatch, a third of the step at batch 1. This extension runs
 the same ops in the same order from C++: the per-layer kernels of `layer_ops` and
 `paged_attention` (their sources compiled into this unit, each in its own namespace) and the
-linear op each linear module calls (oneDNN's prepacked `mkldnn::_linear_pointwise`, or the
-weight-only int8 / int4 GEMMs), so its result equals the module-by-module forward bit for bit.
+linear op each linear module calls (oneDNN's prepacked `mkldnn::_linear_pointwise`, the
+weight-only int8 kernel of `quant_linear`, compiled in too, or torch's int4 GEMM), so its
+result equals the module-by-module forward bit for bit.
 It releases the GIL for the whole stack, so a server's gRPC thread runs while the engine
 computes.
 
@@ -31,6 +32,7 @@ import functools
 from engine.kernels.cpp_build import build
 from engine.kernels.layer_ops.cpu import _SOURCE as LAYER_OPS_SOURCE
 from engine.kernels.paged_attention.cpu import _SOURCE as ATTENTION_SOURCE
+from engine.kernels.quant_linear.cpu import _SOURCE as QUANT_LINEAR_SOURCE
 
 _HEADER = r"""
 #include <torch/extension.h>
@@ -69,7 +71,7 @@ struct Linear {
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& aux) const {
     switch (kind) {
-      case kInt8: return at::_weight_int8pack_mm(x, weight, aux);
+      case kInt8: return quant_linear::int8_linear(x, weight, aux);
       case kInt4: return at::_weight_int4pack_mm_for_cpu(x, weight, group, aux);
       default: return packed_linear(x, weight);
     }
@@ -177,6 +179,8 @@ _SOURCE = (_HEADER
            + "#pragma GCC push_options\n#pragma GCC optimize(\"fp-contract=fast\")\n"
            + "namespace attention {\n" + _body(ATTENTION_SOURCE) + "\n}  // namespace attention\n"
            + "#pragma GCC pop_options\n"
+           + "namespace quant_linear {\n" + _body(QUANT_LINEAR_SOURCE)
+           + "\n}  // namespace quant_linear\n"
            + _DRIVER)
 
 
