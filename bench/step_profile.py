@@ -18,7 +18,7 @@ The GEMM floor is the time of the same GEMMs alone at M = batch (`bench.throughp
 timed in C++ for prepacked weights).
 
     python bench/step_profile.py [--batches 1,32] [--dtypes float32,bfloat16] [--steps 24]
-        [--out DIR]
+        [--quantization none|int8|int4] [--out DIR]
 
 Prints one JSON line and writes DIR/profile.json and DIR/profile.png (a stacked bar per setting).
 """
@@ -44,6 +44,7 @@ from engine.engine import Engine  # noqa: E402
 from engine.kernels import decode_stack  # noqa: E402
 from engine.loader import resolve_model_dir  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.layers.quantize import QUANTIZATIONS  # noqa: E402
 
 CATEGORIES = ("gemm", "attention", "other model ops", "input preparation", "sampling", "output",
               "scheduler", "engine glue")
@@ -108,8 +109,10 @@ def instrument(engine: Engine) -> Clock:
     return clock
 
 
-def profile(model_dir: Path, dtype: str, batch: int, steps: int) -> dict:
-    engine = Engine(EngineConfig(model=ModelConfig(model=str(model_dir), dtype=dtype),
+def profile(model_dir: Path, dtype: str, batch: int, steps: int,
+            quantization: str = "none") -> dict:
+    engine = Engine(EngineConfig(model=ModelConfig(model=str(model_dir), dtype=dtype,
+                                                   quantization=quantization),
                                  cache=CacheConfig(enable_prefix_caching=False)))
     params = SamplingParams(max_new_tokens=steps + 8, temperature=0.0, ignore_eos=True)
     engine.generate(random_prompts(4, 16, 64, seed=9), SamplingParams(max_new_tokens=4))
@@ -135,7 +138,7 @@ def profile(model_dir: Path, dtype: str, batch: int, steps: int) -> dict:
     per_step = {k: round(v / steps * 1e3, 3) for k, v in totals.items()}
     total = sum(per_step.values())
     floor_ms = batch / linear_floor(engine, batch) * 1e3
-    return {"dtype": dtype, "batch": batch, "decode_stack": gemm > 0, "step_ms": round(total, 2),
+    return {"dtype": dtype, "quantization": quantization, "batch": batch, "decode_stack": gemm > 0, "step_ms": round(total, 2),
             "split_ms": per_step,
             "gemm_floor_ms": round(floor_ms, 2), "floor_fraction": round(floor_ms / total, 3)}
 
@@ -146,7 +149,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['dtype']}\nbatch {r['batch']}" for r in rows]
+    labels = [f"{r['dtype']}" + (f" {r['quantization']}" if r["quantization"] != "none" else "")
+              + f"\nbatch {r['batch']}" for r in rows]
     fig, axes = plt.subplots(1, len(rows), figsize=(3 * len(rows), 4.5), squeeze=False)
     for ax, row, label in zip(axes[0], rows, labels):
         bottom = 0.0
@@ -168,6 +172,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/profile")
@@ -177,7 +182,7 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes.split(","):
         for batch in map(int, args.batches.split(",")):
-            rows.append(profile(model_dir, dtype, batch, args.steps))
+            rows.append(profile(model_dir, dtype, batch, args.steps, args.quantization))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
