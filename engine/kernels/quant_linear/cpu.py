@@ -6,8 +6,9 @@ memory-bound, so what counts is streaming the weight bytes at the memory's rate.
 and multiplies it into every row's float32 accumulators (rows in passes of four over a tile of
 16 output channels, which stays in L1 between passes). On the default model's int8 LM head
 (49152 x 576) at one row it takes about 0.43x the time of torch's `_weight_int8pack_mm` in
-bfloat16 and under 0.1x in float32 (measured with cold caches, Zen 4); torch's op serves larger
-row counts (long prefill chunks), where the product is compute-bound.
+bfloat16 and under 0.1x in float32 (measured with cold caches, Zen 4). Longer prefill chunks,
+where the product is compute-bound, go to torch: its fused op in bfloat16, its float32 GEMM
+on the codes (then the scales) in float32.
 
 Layout: weight [N, K] int8 and scales [N] in the activation dtype, w = scale * q (the
 `Int8WeightOnlyLinear` buffers as they are).
@@ -34,6 +35,16 @@ _SOURCE = r"""
 constexpr int64_t kGemvRows = 64;
 constexpr int64_t kPassRows = 4;  // rows sharing one widened block of weights
 constexpr int64_t kTile = 16;     // output channels per tile
+
+// A [N, K] tensor of `options` in this thread's buffer, reused by every call: weights expanded
+// for a GEMM go there (fresh megabytes would be fresh pages, whose faults cost more than the
+// expansion).
+static at::Tensor expansion_buffer(int64_t N, int64_t K, const at::TensorOptions& options) {
+  thread_local at::Tensor buffer;
+  const int64_t bytes = N * K * static_cast<int64_t>(options.dtype().itemsize());
+  if (!buffer.defined() || buffer.numel() < bytes) buffer = torch::empty({bytes}, torch::kUInt8);
+  return at::from_blob(buffer.data_ptr(), {N, K}, options);
+}
 
 #if defined(__AVX512F__)
 // The activations in float32, in this thread's scratch: a plain loop, not tensor ops, whose
@@ -112,6 +123,13 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor weight, torch::Tensor s
     return out;
   }
 #endif
+  if (x.scalar_type() == at::kFloat) {
+    // Many float32 rows: torch's float32 GEMM on the codes (exact in float32), then the
+    // scales; its fused int8 op has no fast float32 path (tens of times slower).
+    at::Tensor w = expansion_buffer(N, K, x.options());
+    w.copy_(weight);
+    return at::linear(x, w).mul_(scales);
+  }
   return at::_weight_int8pack_mm(x.contiguous(), weight, scales);
 }
 """
