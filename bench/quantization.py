@@ -43,6 +43,9 @@ FORMATS = [("float32", "none"), ("bfloat16", "none"), ("float32", "int8"),
            ("bfloat16", "int8"), ("bfloat16", "int4")]
 CORPUS = "kjv:heldout"
 MAX_NEW = 128
+REPEATS = 5
+"""Decode rates are the best of this many timed runs, for the engine and llama.cpp alike (the
+2-core machine this was written on varies by 20% and more from run to run)."""
 
 
 def log(msg: str) -> None:
@@ -55,7 +58,7 @@ def measure(model_dir: Path, dtype: str, quantization: str, prompt: list[int], w
                                                    quantization=quantization),
                                  cache=CacheConfig(enable_prefix_caching=False)))
     run_engine(engine, [prompt], 8)  # warm-up
-    rate = decode_rate(lambda n: run_engine(engine, [prompt], n)[0], MAX_NEW)
+    rate = decode_rate(lambda n: run_engine(engine, [prompt], n)[0], MAX_NEW, REPEATS)
     result = evaluate_perplexity(engine, [CORPUS], window=window, stride=window,
                                  max_tokens=tokens, show_progress=False)[0]
     weight_bytes = sum(b.numel() * b.element_size()
@@ -78,7 +81,7 @@ def run_llamacpp(model_dir: Path, prompt: list[int], window: int, tokens: int,
     windows = [{"tokens": corpus.prompt(w), "score_from": w.score_from - w.start,
                 "targets": corpus.targets(w)} for w in corpus.windows]
     task = {"gguf": str(embedded_gguf()), "threads": threads, "prompt": prompt,
-            "max_new_tokens": MAX_NEW, "repeats": 2, "windows": windows}
+            "max_new_tokens": MAX_NEW, "repeats": REPEATS, "windows": windows}
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(task, f)
         f.flush()
