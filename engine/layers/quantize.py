@@ -2,9 +2,9 @@
 
 int8: each output channel of a weight gets one symmetric scale, `w ~= scale[n] * w_int8[n, :]`, and
 the product runs in `engine.kernels.quant_linear.int8_linear` (a streaming C++ kernel for up to
-64 rows, torch's fused int8-weight GEMM `aten._weight_int8pack_mm` beyond), which converts
-weights on the fly: a quarter of float32's weight bytes, which is what batch-1 decode is bound
-by. Activations stay in the model dtype. The LM head is quantized too (it is the largest GEMM
+64 rows; beyond, torch's fused int8-weight GEMM `aten._weight_int8pack_mm` in bfloat16 and its
+float32 GEMM on the codes in float32), which converts weights on the fly: a quarter of
+float32's weight bytes, which is what batch-1 decode is bound by. Activations stay in the model dtype. The LM head is quantized too (it is the largest GEMM
 of a small model); the embedding table stays in the model dtype.
 
 int4: groups of 32 weights along the input axis get an asymmetric grid, `w ~= (q - 8) * scale +
