@@ -1,5 +1,5 @@
 """C++ paged decode attention for the CPU path, parallel over (sequence, kv head) with torch's
-own thread pool (built by `engine.kernels.cpp_build`).
+own thread pool, longest contexts first (built by `engine.kernels.cpp_build`).
 
 Reads K/V straight from the blocks named by each sequence's block table: no gathered copy of
 the context, no padding, one pass over K for the scores and one over V for the output.
@@ -14,7 +14,10 @@ from engine.kernels.cpp_build import EXP16, LOAD16, build
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
@@ -182,13 +185,28 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / num_kv_heads, kh = i % num_kv_heads;
-        const int64_t head0 = (b * num_heads + kh * group) * head_dim;
-        decode_item<scalar_t>(qp + b * q_row + kh * group * head_dim, kp + kh * head_dim,
-                              vp + kh * head_dim, tables + b * max_blocks, lens[b], block_size, num_kv_heads,
-                              head_dim, group, static_cast<float>(scale), op + head0);
+    // Sequences longest context first, handed out one at a time (contexts in a batch differ by
+    // 10x and more: a static split leaves a thread waiting), each with all its kv heads (they
+    // share the cache lines of its blocks); with fewer sequences than twice the threads, one
+    // (sequence, kv head) at a time.
+    const int64_t per = num_seqs >= 2 * at::get_num_threads() ? num_kv_heads : 1;
+    const int64_t units = num_seqs * num_kv_heads / per;
+    std::vector<int64_t> order(units);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return lens[a * per / num_kv_heads] > lens[b * per / num_kv_heads];
+    });
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(units, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      for (int64_t j; (j = next.fetch_add(1, std::memory_order_relaxed)) < units;) {
+        for (int64_t i = order[j] * per; i < (order[j] + 1) * per; ++i) {
+          const int64_t b = i / num_kv_heads, kh = i % num_kv_heads;
+          const int64_t head0 = (b * num_heads + kh * group) * head_dim;
+          decode_item<scalar_t>(qp + b * q_row + kh * group * head_dim, kp + kh * head_dim,
+                                vp + kh * head_dim, tables + b * max_blocks, lens[b],
+                                block_size, num_kv_heads, head_dim, group,
+                                static_cast<float>(scale), op + head0);
+        }
       }
     });
   });
