@@ -52,3 +52,13 @@ def test_int8_linear_takes_strided_rows_and_names_bad_arguments():
         quant_linear.int8_linear(x, weight.float(), scales)
     with pytest.raises(ValueError, match="scales"):
         quant_linear.int8_linear(x, weight, scales.bfloat16())
+
+
+def test_int8_linear_beyond_the_kept_buffer_in_float32():
+    # 8192 x 576 float32 weights (18 MB) are expanded into a fresh tensor, not the kept buffer.
+    torch.manual_seed(3)
+    x = torch.randn(70, 576)
+    weight = torch.randint(-127, 128, (8192, 576), dtype=torch.int8)
+    scales = torch.rand(8192) * 0.01
+    out = quant_linear.int8_linear(x, weight, scales)
+    torch.testing.assert_close(out, exact(x, weight, scales).float(), rtol=1e-5, atol=1e-4)

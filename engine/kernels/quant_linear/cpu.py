@@ -36,12 +36,15 @@ constexpr int64_t kGemvRows = 64;
 constexpr int64_t kPassRows = 4;  // rows sharing one widened block of weights
 constexpr int64_t kTile = 16;     // output channels per tile
 
-// A [N, K] tensor of `options` in this thread's buffer, reused by every call: weights expanded
-// for a GEMM go there (fresh megabytes would be fresh pages, whose faults cost more than the
-// expansion).
+// A [N, K] tensor of `options` for weights expanded for a GEMM: in this thread's buffer,
+// reused by every call (fresh megabytes would be fresh pages, whose faults cost more than the
+// expansion), up to kKeptBytes; a larger one (an LM head) is allocated for the call.
+constexpr int64_t kKeptBytes = 16 << 20;
+
 static at::Tensor expansion_buffer(int64_t N, int64_t K, const at::TensorOptions& options) {
-  thread_local at::Tensor buffer;
   const int64_t bytes = N * K * static_cast<int64_t>(options.dtype().itemsize());
+  if (bytes > kKeptBytes) return torch::empty({N, K}, options);
+  thread_local at::Tensor buffer;
   if (!buffer.defined() || buffer.numel() < bytes) buffer = torch::empty({bytes}, torch::kUInt8);
   return at::from_blob(buffer.data_ptr(), {N, K}, options);
 }
