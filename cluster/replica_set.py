@@ -248,8 +248,9 @@ class ReplicaSet:
                          name=self.cluster.app_name, route_prefix=None)
 
     def _start_local_ray(self) -> None:
-        """Starts a local Ray cluster. Ray gives its raylet a fixed 30 s to register, which a
-        busy machine can miss: a start that times out is stopped and tried again."""
+        """Starts a local Ray cluster. Ray gives its GCS and raylet fixed 30 s deadlines to
+        come up, which a busy machine can miss: a start that times out is stopped and tried
+        again."""
         num_cpus = max(os.cpu_count() or 1, replica_cpus(self.setup) * self.cluster.replicas)
         for attempt in range(1, _LOCAL_START_ATTEMPTS + 1):
             before = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -261,7 +262,7 @@ class ReplicaSet:
             except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on timeout
                 ray.shutdown()
                 _kill_started_since(before)  # the half-started GCS and raylet
-                if attempt == _LOCAL_START_ATTEMPTS or "timed out" not in str(exc):
+                if attempt == _LOCAL_START_ATTEMPTS or "timed out" not in str(exc).lower():
                     raise
                 log.warning("local Ray cluster did not start (%s); trying again", exc)
 

@@ -117,8 +117,13 @@ class FlakyRayInit:
 TIMEOUT = "The current node timed out during startup. This could happen because ..."
 
 
-def test_a_local_ray_start_that_times_out_is_cleaned_up_and_tried_again(model_dir, monkeypatch):
-    init = FlakyRayInit(failures=2, message=TIMEOUT)
+GCS_TIMEOUT = "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_0123"
+
+
+@pytest.mark.parametrize("message", [TIMEOUT, GCS_TIMEOUT], ids=["raylet", "gcs"])
+def test_a_local_ray_start_that_times_out_is_cleaned_up_and_tried_again(model_dir, monkeypatch,
+                                                                        message):
+    init = FlakyRayInit(failures=2, message=message)
     monkeypatch.setattr(replica_set.ray, "init", init)
     monkeypatch.setattr(replica_set.ray, "shutdown", lambda: None)
     _replica_set(model_dir, Response([]))._start_local_ray()
