@@ -138,7 +138,8 @@ def profile(model_dir: Path, dtype: str, batch: int, steps: int,
     per_step = {k: round(v / steps * 1e3, 3) for k, v in totals.items()}
     total = sum(per_step.values())
     floor_ms = batch / linear_floor(engine, batch) * 1e3
-    return {"dtype": dtype, "quantization": quantization, "batch": batch, "decode_stack": gemm > 0, "step_ms": round(total, 2),
+    return {"dtype": dtype, "quantization": quantization, "batch": batch,
+            "decode_stack": gemm > 0, "step_ms": round(total, 2),
             "split_ms": per_step,
             "gemm_floor_ms": round(floor_ms, 2), "floor_fraction": round(floor_ms / total, 3)}
 

@@ -1,11 +1,12 @@
 """Weight-only int8 and int4 quantization of linear layers (applied from outside the model code).
 
 int8: each output channel of a weight gets one symmetric scale, `w ~= scale[n] * w_int8[n, :]`, and
-the product runs in `engine.kernels.quant_linear.int8_linear` (a streaming C++ kernel for up to
-64 rows; beyond, torch's fused int8-weight GEMM `aten._weight_int8pack_mm` in bfloat16 and its
-float32 GEMM on the codes in float32), which converts weights on the fly: a quarter of
-float32's weight bytes, which is what batch-1 decode is bound by. Activations stay in the model dtype. The LM head is quantized too (it is the largest GEMM
-of a small model); the embedding table stays in the model dtype.
+the product runs in `engine.kernels.quant_linear.int8_linear` (a streaming C++ kernel for up to 64
+rows; beyond, torch's fused int8-weight GEMM `aten._weight_int8pack_mm` in bfloat16 and its float32
+GEMM on the codes in float32), which converts weights on the fly: a quarter of float32's weight
+bytes, which is what batch-1 decode is bound by. Activations stay in the model dtype. The LM head is
+quantized too (it is the largest GEMM of a small model); the embedding table stays in the model
+dtype.
 
 int4: groups of 32 weights along the input axis get an asymmetric grid, `w ~= (q - 8) * scale +
 zero` with q in 0..15, scale = (max - min) / 15 and zero = min + 8 scale, the form of

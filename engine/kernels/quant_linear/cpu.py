@@ -50,10 +50,11 @@ static at::Tensor expansion_buffer(int64_t N, int64_t K, const at::TensorOptions
 }
 
 #if defined(__AVX512F__)
-// The activations in float32, in this thread's scratch: a plain loop, not tensor ops, whose
-// dispatch would cost more than the conversion.
+// The activations in float32: float32 ones as they are, others widened into this thread's
+// scratch by a plain loop (tensor ops' dispatch would cost more than the conversion).
 template <typename T>
 static const float* widen(const T* x, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) return x;
   thread_local std::vector<float> scratch;
   scratch.resize(count);
   for (int64_t i = 0; i < count; ++i) scratch[i] = static_cast<float>(x[i]);
