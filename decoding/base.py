@@ -299,10 +299,14 @@ class StepView(msgspec.Struct, kw_only=True):
     branch_ids: list[int]
     """The branches that produced logits this step; row i of `logits` belongs to
     branch_ids[i]."""
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     """[rows, vocab] float32. Processed by the request's logits processors (logit bias,
     min_new_tokens, repetition / frequency / presence penalties); no temperature. If the
-    strategy sets `log_softmax_first`, these are the processed log-probabilities instead."""
+    strategy sets `log_softmax_first`, these are the processed log-probabilities instead.
+    Strategies that set `logits_of_choice`: None in `choose`; in `step`, the one row of the
+    branch `chosen`."""
+    chosen: int | None = None
+    """`logits_of_choice` strategies, in `step`: the branch `choose` named."""
     hidden: torch.Tensor | None = None
     """[rows, hidden_size] float32 LM-head input of each row's last token, when the strategy
     sets `needs_hidden`."""
@@ -427,6 +431,12 @@ class SelectionStrategy(abc.ABC):
     streams_output: ClassVar[bool] = True
     """True: tokens are emitted as they are decided (the engine applies stop criteria).
     False: the strategy finishes by itself and returns candidates (e.g. beam search)."""
+    logits_of_choice: ClassVar[bool] = False
+    """The strategy needs the logits of one branch per step, which it names from the hidden
+    states alone (`choose`): the engine runs the LM head on that branch's row only, after
+    `choose`, and hands it to `step` (contrastive search scores its k candidates by their
+    hidden states; only the winner's next-token distribution is used). Requires
+    `needs_hidden`."""
 
     def __init__(self, params) -> None:
         self.params = params
@@ -447,6 +457,11 @@ class SelectionStrategy(abc.ABC):
         """Batchable strategies: `[n]` int64 token ids for the rows `rows` of `batch` (None: all
         rows), whose processed logits are `logits` `[n, vocab]`."""
         raise NotImplementedError(f"{cls.__name__} is not batchable")
+
+    def choose(self, view: StepView) -> int:
+        """`logits_of_choice` strategies: the branch whose logits `step` gets, from a view
+        without logits (`view.logits` is None); called once per step, before `step`."""
+        raise NotImplementedError(f"{type(self).__name__} does not set logits_of_choice")
 
     def step(self, view: StepView) -> StepDecision:
         """Decides what happens after this step. Branch 0 is the prompt."""

@@ -5,8 +5,9 @@ strategy forks k - 1 branches, each the current one plus one of the candidates 2
 children share its KV blocks or copy its state slot), and the current branch itself continues
 with the first candidate, so a step holds k branches at most and copies k - 1 partial blocks.
 The engine runs the k single-token branches together with all other traffic; that one
-forward yields both the hidden state h_v of each candidate (the LM-head input at its
-position) and the logits of the position after it. The winner is
+forward yields the hidden state h_v of each candidate (the LM-head input at its position),
+and the LM head then runs on the winner's row alone (`logits_of_choice`): its logits are
+the distribution of the position after it. The winner is
 argmax_v (1 - alpha) p(v) - alpha max_j cos(h_v, h_j) over the hidden states h_j of every
 previous position (prompt and generated), among the candidates with p(v) > 0 (fewer than
 top_k when a transform such as a constraint mask leaves fewer); the winner's branch lives on and its logits seed the
@@ -27,6 +28,7 @@ from decoding.params import Contrastive
 class ContrastiveSearch(SelectionStrategy):
     needs_hidden = True
     needs_prompt_hidden = True
+    logits_of_choice = True
 
     def __init__(self, params: Contrastive) -> None:
         super().__init__(params)
@@ -36,15 +38,20 @@ class ContrastiveSearch(SelectionStrategy):
         self._candidates: list[tuple[int, int, float]] = []
         """(branch, token, probability) of the pending candidates, in top-k order."""
         self._next_branch = 1
+        self._winner: int | None = None
+        """Index in `_candidates` of this step's winner (None on the prompt's step)."""
 
     @staticmethod
     def max_branches(params) -> int:
         return params.top_k
 
-    def step(self, view: StepView) -> StepDecision:
+    def choose(self, view: StepView) -> int:
+        """The winning candidate's branch (on the prompt's step, branch 0): only its logits
+        are computed."""
         if self._context is None:  # the prompt is done: branch 0 has the first logits
             self._append_context(view.prompt_hidden)
-            return self._expand(view.branch_ids[0], view.logits[0], emit=[])
+            self._winner = None
+            return view.branch_ids[0]
         rows = {branch: i for i, branch in enumerate(view.branch_ids)}
         order = [rows[branch] for branch, _, _ in self._candidates]
         hidden = view.hidden[order]                                       # [k, d]
@@ -53,22 +60,29 @@ class ContrastiveSearch(SelectionStrategy):
         penalty = (unit @ self._context[:self._length].T).max(dim=-1).values
         alpha = self.params.penalty_alpha
         scores = (1.0 - alpha) * probs - alpha * penalty
-        best = int(scores.argmax())
-        winner, token, _ = self._candidates[best]
-        self._append_context(hidden[best:best + 1])
+        self._winner = int(scores.argmax())
+        self._append_context(hidden[self._winner:self._winner + 1])
+        return self._candidates[self._winner][0]
+
+    def step(self, view: StepView) -> StepDecision:
+        if self._winner is None:
+            return self._expand(view.chosen, view.logits[0], emit=[])
+        winner, token, _ = self._candidates[self._winner]
         losers = [branch for branch, _, _ in self._candidates if branch != winner]
-        decision = self._expand(winner, view.logits[order[best]], emit=[token])
+        decision = self._expand(winner, view.logits[0], emit=[token])
         decision.frees = losers
         return decision
 
     def _expand(self, branch: int, logits: torch.Tensor, emit: list[int]) -> StepDecision:
         """Makes one branch per top-k candidate of `branch`: `branch` itself takes the first
         (forks are applied before appends, so the others fork from its current tokens)."""
-        # Only tokens the transforms left possible (a constraint mask sets the rest to -inf;
-        # at p = 0 a token could still win on the degeneration penalty).
-        k = min(self.params.top_k, int(torch.isfinite(logits).sum()))
-        probs, tokens = logits.softmax(dim=-1).topk(k)
+        probs, tokens = logits.softmax(dim=-1).topk(self.params.top_k)
         probs, tokens = probs.tolist(), tokens.tolist()
+        if probs[-1] == 0.0:
+            # Only tokens the transforms left possible (a constraint mask sets the rest to
+            # -inf; at p = 0 a finite logit could still win on the degeneration penalty).
+            k = int((logits > float("-inf")).sum())
+            probs, tokens = probs[:k], tokens[:k]
         forks, self._candidates = [], [(branch, tokens[0], probs[0])]
         for p, t in zip(probs[1:], tokens[1:]):
             child, self._next_branch = self._next_branch, self._next_branch + 1

@@ -68,7 +68,7 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.port = EnginePort(self.scheduler, self.outputs, self.max_model_len)
         self.generations = StrategyRunner(self.port, self.vocab_size,
-                                          device=self.runner.device)
+                                          device=self.runner.device, lm_head=self.compute_logits)
         self._seed_rng = random.Random(config.seed)
         self.constraints = ConstraintCompiler(self.tokenizer, config.constraint_backend,
                                               config.max_constraint_compile_s)
@@ -241,10 +241,10 @@ class Engine:
         by_id = {item.request.req_id: item.request for item in sched.scheduled}
         if run.prompt_chunks:
             self.generations.collect_prompt_captures(run.prompt_chunks, by_id)
-        if not run.req_ids:
+        if not run.req_ids and not run.deferred:
             return []
-        rows = [by_id[req_id] for req_id in run.req_ids]
-        return self.generations.step(rows, run.logits, run.captures)
+        return self.generations.step([by_id[req_id] for req_id in run.req_ids], run.logits,
+                                     run.captures, [by_id[req_id] for req_id in run.deferred])
 
     # ---- offline API -------------------------------------------------------------------------
 

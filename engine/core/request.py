@@ -103,6 +103,13 @@ class Request(TokenSequence):
         self.first_scheduled_time: float | None = None
         """When a step first ran this sequence (None: not yet)."""
 
+    @property
+    def defers_logits(self) -> bool:
+        """Whether the LM head waits for the strategy to choose among this generation's
+        branches (`SelectionStrategy.logits_of_choice`): the model runner returns the row's
+        captured hidden state only."""
+        return self.generation.strategy.logits_of_choice
+
     def positions(self, start: int, end: int) -> list[int]:
         """Position ids of tokens [start, end): their index, or the structured prompt's layout
         (generated tokens continue one past the last prompt position)."""

@@ -31,6 +31,9 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
     """[num_sampled, vocab_size] float32."""
     captures: dict[str, dict[str, torch.Tensor]]
     """req_id -> `Capture.name` -> [hidden_size] tensor, for requests that asked."""
+    deferred: list[str] = []
+    """Requests sampled this step whose logits wait for their strategy's choice
+    (`Request.defers_logits`): not in `req_ids`; their LM-head inputs are in `captures`."""
     prompt_chunks: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}
     """req_id -> (first position, `Capture.name` -> [num_tokens, hidden_size] float32) for
     requests with all-position captures: the prompt positions computed this step (a chunk of
@@ -166,7 +169,8 @@ class ModelRunner:
         """Performs the step's block copies, then one forward over every scheduled token.
 
         Returns logits (and requested captures) for the requests whose last known token was
-        computed this step, in `req_ids` order; other requests (mid-prefill chunks) get none.
+        computed this step, in `req_ids` order; other requests (mid-prefill chunks) get none,
+        and those that defer their logits get their captures only.
         """
         # Single-token rows first: they form the batched decode group of the attention.
         items = sorted(output.scheduled, key=lambda s: not _is_decode(s))
@@ -186,10 +190,16 @@ class ModelRunner:
             hidden, layer_caps = self.model(input_ids, positions, self.kv_caches, meta,
                                             self._capture_layers(items))
         sampled_hidden = hidden[rows]
-        logits = self.model.compute_logits(sampled_hidden)
         captures = self._gather_captures(sampled, rows, sampled_hidden, layer_caps)
-        return ModelRunnerOutput(req_ids=[s.request.req_id for s in sampled], logits=logits,
+        eager = [i for i, s in enumerate(sampled) if not s.request.defers_logits]
+        if len(eager) < len(sampled):
+            sampled_hidden = sampled_hidden[torch.tensor(eager, dtype=torch.long,
+                                                         device=sampled_hidden.device)]
+        return ModelRunnerOutput(req_ids=[sampled[i].request.req_id for i in eager],
+                                 logits=self.model.compute_logits(sampled_hidden),
                                  captures=captures,
+                                 deferred=[s.request.req_id for s in sampled
+                                           if s.request.defers_logits],
                                  prompt_chunks=self._prompt_chunks(items, hidden, layer_caps))
 
     def _graph_step(self, items: list[ScheduledRequest]) -> bool:

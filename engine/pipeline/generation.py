@@ -59,8 +59,9 @@ class Generation(TokenSequence):
         self.num_cached_tokens = 0
         self.num_forward_tokens = 0
         self.branches: dict[int, Request] = {}
-        self.ready: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        """Branch -> (processed logits, hidden) of branches that computed their last token.
+        self.ready: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, dict | None]] = {}
+        """Branch -> (processed logits, or None while deferred; hidden; the row's captures) of
+        branches that computed their last token.
         A forking strategy runs once every live branch is ready: a branch that was preempted
         or scheduled in a later step (token budget) is waited for."""
         self.prompt_captures: dict[str, list[torch.Tensor]] = {}

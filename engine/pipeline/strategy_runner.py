@@ -10,6 +10,8 @@ memory or output goes through the `StrategyPort` (engine/pipeline/ports.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from decoding import registry
@@ -31,8 +33,11 @@ class StrategyRunner:
     """All live generations of an engine and the pipeline that advances them."""
 
     def __init__(self, port: StrategyPort, vocab_size: int, sampler: Sampler | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", lm_head=None) -> None:
         self.port = port
+        self.lm_head = lm_head
+        """float32 [rows, hidden] LM-head inputs -> float32 [rows, vocab] logits: the rows of
+        `logits_of_choice` strategies that the model runner deferred."""
         self.vocab_size = vocab_size
         self.sampler = sampler or Sampler()
         self.device = device
@@ -93,8 +98,45 @@ class StrategyRunner:
             transform.prepare(sequences)
 
     def step(self, rows: list[Request], logits: torch.Tensor,
-             captures: dict[str, dict[str, torch.Tensor]]) -> list[RequestOutput]:
-        """Runs the pipeline over this step's sampled rows (`logits[i]` is `rows[i]`'s)."""
+             captures: dict[str, dict[str, torch.Tensor]],
+             deferred: list[Request] = ()) -> list[RequestOutput]:
+        """Runs the pipeline over this step's sampled rows (`logits[i]` is `rows[i]`'s) and
+        the `deferred` rows (no logits yet: branches of `logits_of_choice` strategies, their
+        hidden states in `captures`). The deferred generations choose first; the LM head
+        runs on their chosen rows, which join the others for one pass of the transforms."""
+        chosen = self._choose(deferred, captures)
+        missing = [c for c in chosen if c.entry[0] is None]
+        num_eager = len(rows)
+        if missing:
+            rows = rows + [c.gen.branches[c.branch] for c in missing]
+            extra = self.lm_head(torch.stack([c.entry[1] for c in missing]))
+            logits = torch.cat([logits, extra]) if num_eager else extra
+            captures = captures | {c.gen.branches[c.branch].req_id: c.entry[2]
+                                   for c in missing if c.entry[2] is not None}
+        outputs: list[RequestOutput] = []
+        if rows:
+            batch, processed = self._process(rows, logits, captures)
+            raw_logprobs = None
+            if batch.max_num_logprobs is not None:
+                raw_logprobs = self.sampler.log_probs(logits, batch)
+            batchable = [i for i, r in enumerate(rows) if r.generation.strategy.batchable]
+            outputs = self._select(rows, batchable, processed, batch, raw_logprobs, captures)
+            if len(batchable) + len(missing) < len(rows):
+                outputs += self._run_strategies(rows[:num_eager], processed, captures)
+            for j, c in enumerate(missing):
+                c.view.logits = processed[num_eager + j][None].float()
+        for c in chosen:
+            if c.entry[0] is not None:
+                c.view.logits = c.entry[0][None]
+            c.view.chosen = c.branch
+            out = self._apply(c.gen, c.gen.strategy.step(c.view))
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _process(self, rows: list[Request], logits: torch.Tensor,
+                 captures: dict[str, dict[str, torch.Tensor]]):
+        """(the rows' SamplingBatch, their logits after the transforms)."""
         batch = SamplingBatch.build(
             [SamplingRow(params=r.generation.params, prompt_token_ids=r.prompt_token_ids,
                          output_token_ids=r.output_token_ids, seed=r.seed,
@@ -108,15 +150,7 @@ class StrategyRunner:
             mask = torch.tensor(log_first, device=logits.device)[:, None]
             processed = torch.where(mask, logits.log_softmax(dim=-1), logits)
         # process before log_probs: transforms decide on the processed rows (kNN-LM).
-        processed = self.sampler.process(processed, batch)
-        raw_logprobs = None
-        if batch.max_num_logprobs is not None:
-            raw_logprobs = self.sampler.log_probs(logits, batch)
-        batchable = [i for i, r in enumerate(rows) if r.generation.strategy.batchable]
-        outputs = self._select(rows, batchable, processed, batch, raw_logprobs, captures)
-        if len(batchable) < len(rows):
-            outputs += self._run_strategies(rows, processed, captures)
-        return outputs
+        return batch, self.sampler.process(processed, batch)
 
     def _select(self, rows: list[Request], index: list[int], processed: torch.Tensor,
                 batch: SamplingBatch, raw_logprobs: torch.Tensor | None,
@@ -148,34 +182,64 @@ class StrategyRunner:
 
     def _run_strategies(self, rows: list[Request], processed: torch.Tensor,
                         captures: dict) -> list[RequestOutput]:
+        """Steps the non-batchable generations whose branches have all reported."""
         touched: dict[str, Generation] = {}
         for i, seq in enumerate(rows):
-            gen = seq.generation
-            if gen.strategy.batchable:
-                continue
-            hidden = captures[seq.req_id][CAPTURE_FINAL_HIDDEN.name] \
-                if gen.strategy.needs_hidden else None
-            gen.ready[seq.branch] = (processed[i].float(), hidden)
-            touched[gen.req_id] = gen
+            if not seq.generation.strategy.batchable:
+                self._report(seq, processed[i].float(), captures, touched)
         outputs = []
+        for gen in self._complete(touched):
+            view = self._view(gen)
+            if gen.strategy.logits_of_choice:  # its logits came with the rows (not deferred)
+                branch = gen.strategy.choose(view)
+                view.logits, view.chosen = view.logits[view.branch_ids.index(branch)][None], branch
+            out = self._apply(gen, gen.strategy.step(view))
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _choose(self, deferred: list[Request], captures: dict) -> list[_Chosen]:
+        """Reports the deferred rows; each generation they complete names its branch."""
+        touched: dict[str, Generation] = {}
+        for seq in deferred:
+            self._report(seq, None, captures, touched)
+        chosen = []
+        for gen in self._complete(touched):
+            ready, view = gen.ready, self._view(gen)
+            branch = gen.strategy.choose(view)
+            chosen.append(_Chosen(gen, view, branch, ready[branch]))
+        return chosen
+
+    def _report(self, seq: Request, processed: torch.Tensor | None, captures: dict,
+                touched: dict[str, Generation]) -> None:
+        """Marks a branch ready with its processed logits (None: deferred) and captures."""
+        gen = seq.generation
+        row_captures = captures.get(seq.req_id)
+        hidden = row_captures[CAPTURE_FINAL_HIDDEN.name] if gen.strategy.needs_hidden else None
+        gen.ready[seq.branch] = (processed, hidden, row_captures)
+        touched[gen.req_id] = gen
+
+    @staticmethod
+    def _complete(touched: dict[str, Generation]) -> list[Generation]:
+        """The touched generations whose every branch is ready."""
+        complete = []
         for gen in touched.values():
             # A ready branch may have been preempted since (its KV is gone): it recomputes
             # and reports again.
             gen.ready = {b: v for b, v in gen.ready.items()
                          if gen.branches[b].num_computed_tokens == gen.branches[b].num_tokens}
-            if len(gen.ready) < len(gen.branches):
-                continue
-            out = self._apply(gen, gen.strategy.step(self._view(gen)))
-            if out is not None:
-                outputs.append(out)
-        return outputs
+            if len(gen.ready) == len(gen.branches):
+                complete.append(gen)
+        return complete
 
     def _view(self, gen: Generation) -> StepView:
-        """The view of every branch (all ready), in branch order; clears `gen.ready`."""
+        """The view of every branch (all ready), in branch order; clears `gen.ready`. Its
+        logits are None when a branch's are deferred."""
         params, ready = gen.params, gen.ready
         branch_ids = sorted(ready)
         seqs = [gen.branches[b] for b in branch_ids]
-        logits = torch.stack([ready[b][0] for b in branch_ids])
+        logits = None if any(ready[b][0] is None for b in branch_ids) else \
+            torch.stack([ready[b][0] for b in branch_ids])
         hidden = torch.stack([ready[b][1] for b in branch_ids]) \
             if gen.strategy.needs_hidden else None
         gen.ready = {}
@@ -269,6 +333,16 @@ class StrategyRunner:
             gen.rounds = [[(c.token_ids, c.score) for c in kept] for kept in rounds]
         self._end(gen, status)
         return self.port.emit(gen, best, None, None)
+
+
+class _Chosen(NamedTuple):
+    """A `logits_of_choice` generation's pick: its view, the branch and that branch's ready
+    entry (processed logits or None, hidden, captures)."""
+
+    gen: Generation
+    view: StepView
+    branch: int
+    entry: tuple
 
 
 def _logprobs(rows: list[Request], index: list[int], out) -> list[TokenLogprob | None]:

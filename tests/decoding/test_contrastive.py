@@ -184,3 +184,37 @@ def test_contrastive_under_small_cache_matches_reference(model_dir, prompt_ids, 
         assert out.finish_reason in ("stop", "length"), (case, out.finish_reason)
         assert out.token_ids == references[case][0], case
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+
+
+def test_lm_head_runs_on_the_winner_only(engine, prompt_ids, references, monkeypatch):
+    # Each step forwards k candidate rows per request, but the next-token distribution is
+    # needed for the winner alone: one LM-head row per request per step (the prompt's step
+    # included), N + 1 for N tokens.
+    module = engine.loaded.module
+    lm_head, rows = module.compute_logits, []
+
+    def counted(hidden):
+        rows.append(hidden.shape[0])
+        return lm_head(hidden)
+
+    monkeypatch.setattr(module, "compute_logits", counted, raising=False)
+    outs = engine.generate([prompt_ids[i] for i, _, _ in CASES],
+                           [contrastive_params(k, alpha) for _, k, alpha in CASES])
+    for case, out in zip(CASES, outs):
+        assert out.token_ids == references[case][0], case
+    assert sum(rows) == sum(len(out.token_ids) + 1 for out in outs)
+    assert max(rows) <= len(CASES)
+
+
+def test_logits_of_every_branch_give_the_same_tokens(engine, prompt_ids, references,
+                                                     monkeypatch):
+    # With the LM head on every candidate row (the model runner defers none; the strategy
+    # chooses from views that carry all rows' logits), the tokens are the same.
+    from engine.core.request import Request
+
+    monkeypatch.setattr(Request, "defers_logits", property(lambda self: False))
+    cases = CASES[:4]
+    outs = engine.generate([prompt_ids[i] for i, _, _ in cases],
+                           [contrastive_params(k, alpha) for _, k, alpha in cases])
+    for case, out in zip(cases, outs):
+        assert out.token_ids == references[case][0], case
