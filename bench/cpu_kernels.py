@@ -4,6 +4,9 @@ Per decode step of the 30-layer model at batch `--batch` (32), float32 and bfloa
 - attention: the C++ paged decode kernel vs the torch path it replaced (gather the context
   with index_select, then scaled_dot_product_attention with a padding mask), 32 sequences of
   16-384 tokens over shuffled blocks;
+- prefill attention: the prompts of one step (`--batch` prompts of 16-256 tokens, ~4300
+  tokens), each token a row of the same paged kernel over its own prefix, vs torch's SDPA
+  (causal, grouped-query) per prompt, 30 layers;
 - layer ops: the three C++ per-layer ops (RMSNorm + residual twice, RoPE + cache write,
   SiLU-gate) vs their torch formulas (`engine/kernels/layer_ops/reference.py`);
 - linears: the oneDNN-prepacked linear layers vs `F.linear` on the same weights (the 7 GEMMs of
@@ -77,6 +80,47 @@ def attention_pair(batch: int, dtype, repeats: int) -> tuple[float, float]:
     return per_step(ours, repeats), per_step(torch_path, repeats)
 
 
+def prefill_attention_pair(batch: int, dtype, repeats: int) -> tuple[float, float]:
+    """The prompts of a step (`batch` prompts of 16-256 tokens, one layer's cache each of 30
+    layers): every token a row of the paged kernel over its prefix vs torch SDPA (causal,
+    GQA) per prompt, as the engine ran prompts before."""
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(16, 257, (batch,), generator=g).tolist()
+    blocks = [(n + BLOCK - 1) // BLOCK for n in lens]
+    num_blocks = sum(blocks) + 1
+    caches = [(torch.randn(num_blocks, BLOCK, KV_HEADS, D, generator=g).to(dtype),
+               torch.randn(num_blocks, BLOCK, KV_HEADS, D, generator=g).to(dtype))
+              for _ in range(LAYERS)]
+    order = torch.randperm(num_blocks - 1, generator=g).tolist()
+    tables, at = [], 0
+    for n in blocks:
+        tables.append(order[at:at + n])
+        at += n
+    width = max(blocks)
+    rows = torch.tensor([t + [0] * (width - len(t)) for t, n in zip(tables, lens)
+                         for _ in range(n)])
+    context = torch.cat([torch.arange(1, n + 1) for n in lens])
+    q = torch.randn(sum(lens), HEADS, D, generator=g).to(dtype)
+    slots = [torch.tensor(t)[:, None] * BLOCK + torch.arange(BLOCK) for t in tables]
+    slots = [s.flatten()[:n] for s, n in zip(slots, lens)]
+    starts = [0] + torch.tensor(lens).cumsum(0).tolist()
+
+    def ours():
+        for k, v in caches:
+            paged_decode_attention(q, k, v, rows, context, D ** -0.5, check_bounds=False)
+
+    def torch_path():
+        for k, v in caches:
+            flat_k, flat_v = k.view(-1, KV_HEADS, D), v.view(-1, KV_HEADS, D)
+            for i, s in enumerate(slots):
+                qq = q[starts[i]:starts[i + 1]].transpose(0, 1).unsqueeze(0)
+                kk = flat_k.index_select(0, s).transpose(0, 1).unsqueeze(0)
+                vv = flat_v.index_select(0, s).transpose(0, 1).unsqueeze(0)
+                F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=D ** -0.5,
+                                               enable_gqa=True)
+    return per_step(ours, repeats), per_step(torch_path, repeats)
+
+
 def layer_ops_pair(batch: int, dtype, repeats: int) -> tuple[float, float]:
     g = torch.Generator().manual_seed(1)
     x, res = (torch.randn(batch, HIDDEN, generator=g).to(dtype) for _ in range(2))
@@ -125,13 +169,14 @@ def main() -> None:
     torch.set_num_threads(2)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        for name, pair in (("attention", attention_pair), ("layer ops", layer_ops_pair),
-                           ("linears", linear_pair)):
+        for name, pair in (("attention", attention_pair),
+                           ("prefill attention", prefill_attention_pair),
+                           ("layer ops", layer_ops_pair), ("linears", linear_pair)):
             ours, theirs = pair(args.batch, dtype, args.repeats)
             rows.append({"dtype": str(dtype).removeprefix("torch."), "kernel": name,
                          "ours_ms_per_step": round(ours, 2), "torch_ms_per_step": round(theirs, 2),
                          "speedup": round(theirs / ours, 2)})
-            print(f"{rows[-1]['dtype']:>9} {name:>10}: {ours:7.2f} ms vs torch {theirs:7.2f} ms"
+            print(f"{rows[-1]['dtype']:>9} {name:>17}: {ours:7.2f} ms vs torch {theirs:7.2f} ms"
                   f"  ({theirs / ours:.2f}x)", file=sys.stderr)
     emit({"bench": "cpu_kernels", "batch": args.batch, "rows": rows, "machine": machine()})
 

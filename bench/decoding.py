@@ -9,8 +9,11 @@ contrastive search's cosine penalty is meaningless on random ids), ignore-eos,
 1. Greedy and contrastive search (k=4, alpha=0.6) on `--alone` prompts, each request alone
    (one `generate` call per prompt), and on all 16 prompts concurrently (one `generate` call).
    Latency per token = wall time per request / tokens per request (the prefill included).
-   Ratios: contrastive / greedy latency per token alone (target <= 2.5) and contrastive /
-   greedy wall time of the 16 concurrent requests (target <= 5).
+   Ratios: contrastive / greedy latency per token alone (target <= 1.5) and contrastive /
+   greedy wall time of the 16 concurrent requests (target <= 2). Each phase also records the
+   seconds the decode stack spent in its GEMMs and attention kernel (`stack_gemm_s`,
+   `stack_attention_s`; the LM head runs outside the stack and is not in them), and
+   `contrastive_over_greedy_16_stack_gemm` compares the two 16-request phases' GEMMs.
 2. The no-cache recompute reference: contrastive search written plainly here with Hugging Face
    transformers forward passes on the same weights, recomputing everything each step (every
    step runs the model on the k candidate sequences [k, t + 1] and scores
@@ -61,6 +64,7 @@ from bench.common import emit, machine  # noqa: E402
 from decoding.params import BeamSearch, Contrastive  # noqa: E402
 from engine.config import EngineConfig, ModelConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
+from engine.kernels import decode_stack  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 PROMPTS = [
@@ -100,8 +104,8 @@ PROMPTS = [
 ]
 WARMUP = "Once upon a time, in a village at the edge of a great forest, there lived a baker who"
 TOP_K, ALPHA, NUM_BEAMS = 4, 0.6, 4
-TARGETS = {"contrastive_over_greedy_alone_latency": 2.5,
-           "contrastive_over_greedy_16_time": 5.0,
+TARGETS = {"contrastive_over_greedy_alone_latency": 1.5,
+           "contrastive_over_greedy_16_time": 2.0,
            "speedup_vs_recompute": 10.0}
 
 
@@ -153,10 +157,12 @@ def measure(engine: Engine, counter: ForwardCounter, prompts: list[str],
     counter.reset()
     preempted = engine.scheduler.num_preemptions
     elapsed, outs = 0.0, []
+    decode_stack.timings = torch.zeros(2, dtype=torch.float64)
     for group in groups:
         start = time.perf_counter()
         outs += engine.generate(group, params)
         elapsed += time.perf_counter() - start
+    (gemm, attention), decode_stack.timings = decode_stack.timings.tolist(), None
     emitted = sum(len(o.token_ids) for o in outs)
     per_request = elapsed / len(groups)
     return {"requests": len(prompts), "time_s": round(elapsed, 3),
@@ -165,6 +171,7 @@ def measure(engine: Engine, counter: ForwardCounter, prompts: list[str],
             "prompt_forward_tokens": counter.prompt, "decode_forward_tokens": counter.decode,
             "forward_per_emitted_token": round(counter.decode / emitted, 3),
             "cached_prompt_tokens": sum(o.num_cached_tokens for o in outs),
+            "stack_gemm_s": round(gemm, 3), "stack_attention_s": round(attention, 3),
             "preemptions": engine.scheduler.num_preemptions - preempted}, outs
 
 
@@ -320,6 +327,9 @@ def ratios(results: dict, ref_rate: float) -> dict:
         "contrastive_over_greedy_16_time": round(c16["time_s"] / g16["time_s"], 3),
         "speedup_vs_recompute": round(c1["tokens_per_s"] / ref_rate, 2),
     }
+    if g16["stack_gemm_s"]:
+        values["contrastive_over_greedy_16_stack_gemm"] = round(
+            c16["stack_gemm_s"] / g16["stack_gemm_s"], 3)
     met = {f"{name}_met": (values[name] >= target if name.startswith("speedup")
                            else values[name] <= target) for name, target in TARGETS.items()}
     values["speedup_vs_recompute_same_length"] = round(same["tokens_per_s"] / ref_rate, 2)

@@ -38,8 +38,8 @@ class ContrastiveSearch(SelectionStrategy):
         self._candidates: list[tuple[int, int, float]] = []
         """(branch, token, probability) of the pending candidates, in top-k order."""
         self._next_branch = 1
-        self._winner: int | None = None
-        """Index in `_candidates` of this step's winner (None on the prompt's step)."""
+        self._winner = 0
+        """Index in `_candidates` of the winner the last `choose` named."""
 
     @staticmethod
     def max_branches(params) -> int:
@@ -47,10 +47,8 @@ class ContrastiveSearch(SelectionStrategy):
 
     def choose(self, view: StepView) -> int:
         """The winning candidate's branch (on the prompt's step, branch 0): only its logits
-        are computed."""
+        are computed. Changes nothing until `step` (the engine may call it again)."""
         if self._context is None:  # the prompt is done: branch 0 has the first logits
-            self._append_context(view.prompt_hidden)
-            self._winner = None
             return view.branch_ids[0]
         rows = {branch: i for i, branch in enumerate(view.branch_ids)}
         order = [rows[branch] for branch, _, _ in self._candidates]
@@ -61,13 +59,14 @@ class ContrastiveSearch(SelectionStrategy):
         alpha = self.params.penalty_alpha
         scores = (1.0 - alpha) * probs - alpha * penalty
         self._winner = int(scores.argmax())
-        self._append_context(hidden[self._winner:self._winner + 1])
         return self._candidates[self._winner][0]
 
     def step(self, view: StepView) -> StepDecision:
-        if self._winner is None:
+        if self._context is None:
+            self._append_context(view.prompt_hidden)
             return self._expand(view.chosen, view.logits[0], emit=[])
         winner, token, _ = self._candidates[self._winner]
+        self._append_context(view.hidden[view.branch_ids.index(winner)][None])
         losers = [branch for branch, _, _ in self._candidates if branch != winner]
         decision = self._expand(winner, view.logits[0], emit=[token])
         decision.frees = losers

@@ -173,7 +173,7 @@ class ModelRunner:
         and those that defer their logits get their captures only.
         """
         # Single-token rows first: they form the batched decode group of the attention.
-        items = sorted(output.scheduled, key=lambda s: not _is_decode(s))
+        items = sorted(output.scheduled, key=_attention_order)
         if self._graph_step(items):
             with self.device:
                 self._copy_blocks(output.block_copies)
@@ -266,8 +266,17 @@ class ModelRunner:
                 slots.append(table[start // bs] * bs + start % bs)
                 decode_tables.append(table)
                 decode_lens.append(end)
-            else:  # one tensor op for a whole chunk's slots, no per-token Python loop
-                slots += self._context_slots(table, end)[start:].tolist()
+                continue
+            # one tensor op for a whole chunk's slots, no per-token Python loop
+            slots += self._context_slots(table, end)[start:].tolist()
+            if self.use_paged_kernel and _attention_order(item) == 1:
+                # A plain prompt chunk: each token is one more row of the paged kernel over
+                # its own prefix (the step writes every new K/V before attending), which is
+                # causal attention; its rows follow the decode rows (`_attention_order`).
+                assert q_start == len(decode_lens), "plain chunks after decode rows only"
+                decode_tables += [table] * (end - start)
+                decode_lens += range(start + 1, end + 1)
+            else:
                 prefills.append(self._prefill_chunk(q_start, start, end, table, item.request))
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
@@ -405,6 +414,15 @@ def _is_decode(item: ScheduledRequest) -> bool:
         return False
     start = item.request.num_computed_tokens
     return not item.request.needs_structure_mask(start, start + 1)
+
+
+def _attention_order(item: ScheduledRequest) -> int:
+    """0: a decode row; 1: a plain prompt chunk (causal over its prefix); 2: a chunk with set
+    members (its own mask)."""
+    if _is_decode(item):
+        return 0
+    start = item.request.num_computed_tokens
+    return 2 if item.request.needs_structure_mask(start, start + item.num_new_tokens) else 1
 
 
 class _TokenBatch:

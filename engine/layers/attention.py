@@ -1,5 +1,7 @@
-"""Paged attention over a flat, continuously batched token stream (CPU: C++ decode + torch
-SDPA prefill; Triton backend: one varlen kernel launch for the whole step).
+"""Paged attention over a flat, continuously batched token stream (CPU: the C++ paged kernel
+for decode rows and plain prompt chunks, whose tokens the model runner hands it as rows over
+their own prefixes, and torch SDPA for chunks with set-structured masks; Triton backend: one
+varlen kernel launch for the whole step).
 
 The KV cache of a layer is a pair of tensors `[num_blocks + 1, block_size, num_kv_heads,
 head_dim]`; the extra last block is the null block, never handed out by the block pool and

@@ -64,6 +64,9 @@ class Generation(TokenSequence):
         branches that computed their last token.
         A forking strategy runs once every live branch is ready: a branch that was preempted
         or scheduled in a later step (token budget) is waited for."""
+        self.held_prompt_hidden: torch.Tensor | None = None
+        """A prompt capture handed to a view whose `step` did not run (a branch was preempted
+        between `choose` and `step`): the next view gets it."""
         self.prompt_captures: dict[str, list[torch.Tensor]] = {}
         """All-position capture name -> its chunks over prompt positions [0,
         num_prompt_captured), in order (collected from the prompt branch's steps)."""

@@ -126,6 +126,12 @@ class StrategyRunner:
             for j, c in enumerate(missing):
                 c.view.logits = processed[num_eager + j][None].float()
         for c in chosen:
+            if not _still_computed(c.gen, c.ready):
+                # An earlier generation's fork preempted one of its branches: it waits for the
+                # recompute and chooses again (`choose` has no effect until `step`).
+                c.gen.ready = {b: v for b, v in c.ready.items() if _computed(c.gen, b)}
+                c.gen.held_prompt_hidden = c.view.prompt_hidden
+                continue
             if c.entry[0] is not None:
                 c.view.logits = c.entry[0][None]
             c.view.chosen = c.branch
@@ -207,7 +213,7 @@ class StrategyRunner:
         for gen in self._complete(touched):
             ready, view = gen.ready, self._view(gen)
             branch = gen.strategy.choose(view)
-            chosen.append(_Chosen(gen, view, branch, ready[branch]))
+            chosen.append(_Chosen(gen, view, branch, ready[branch], ready))
         return chosen
 
     def _report(self, seq: Request, processed: torch.Tensor | None, captures: dict,
@@ -226,8 +232,7 @@ class StrategyRunner:
         for gen in touched.values():
             # A ready branch may have been preempted since (its KV is gone): it recomputes
             # and reports again.
-            gen.ready = {b: v for b, v in gen.ready.items()
-                         if gen.branches[b].num_computed_tokens == gen.branches[b].num_tokens}
+            gen.ready = {b: v for b, v in gen.ready.items() if _computed(gen, b)}
             if len(gen.ready) == len(gen.branches):
                 complete.append(gen)
         return complete
@@ -243,7 +248,7 @@ class StrategyRunner:
         hidden = torch.stack([ready[b][1] for b in branch_ids]) \
             if gen.strategy.needs_hidden else None
         gen.ready = {}
-        prompt_hidden = None
+        prompt_hidden, gen.held_prompt_hidden = gen.held_prompt_hidden, None
         root = gen.branches.get(0)
         if root is not None and CAPTURE_PROMPT_HIDDEN in root.captures \
                 and gen.strategy.needs_prompt_hidden:
@@ -337,12 +342,24 @@ class StrategyRunner:
 
 class _Chosen(NamedTuple):
     """A `logits_of_choice` generation's pick: its view, the branch and that branch's ready
-    entry (processed logits or None, hidden, captures)."""
+    entry (processed logits or None, hidden, captures), and every branch's."""
 
     gen: Generation
     view: StepView
     branch: int
     entry: tuple
+    ready: dict
+
+
+def _computed(gen: Generation, branch: int) -> bool:
+    seq = gen.branches.get(branch)
+    return seq is not None and seq.num_computed_tokens == seq.num_tokens
+
+
+def _still_computed(gen: Generation, ready: dict) -> bool:
+    """Whether the branches a view was built from are the generation's, all still computed
+    (no fork of another generation has preempted one since)."""
+    return set(ready) == set(gen.branches) and all(_computed(gen, b) for b in ready)
 
 
 def _logprobs(rows: list[Request], index: list[int], out) -> list[TokenLogprob | None]:
