@@ -127,4 +127,6 @@ def test_timings_split_the_call_without_changing_it(model_dir, monkeypatch):
     monkeypatch.setattr(decode_stack, "run", timed_run)
     assert _generate(engine, PROMPTS[:2], True, monkeypatch, max_new=6) == plain
     gemm, attention = decode_stack.timings.tolist()
-    assert len(calls) == 5 and 0 < attention < gemm < sum(calls)
+    # One call for the prompts' step (plain chunks run in the stack too) and one per decode
+    # step after it.
+    assert len(calls) == 6 and 0 < attention < gemm < sum(calls)
