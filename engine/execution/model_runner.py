@@ -191,15 +191,16 @@ class ModelRunner:
                                             self._capture_layers(items))
         sampled_hidden = hidden[rows]
         captures = self._gather_captures(sampled, rows, sampled_hidden, layer_caps)
-        eager = [i for i, s in enumerate(sampled) if not s.request.defers_logits]
+        defers = [s.request.defers_logits for s in sampled]
+        eager = [i for i, d in enumerate(defers) if not d]
         if len(eager) < len(sampled):
             sampled_hidden = sampled_hidden[torch.tensor(eager, dtype=torch.long,
                                                          device=sampled_hidden.device)]
         return ModelRunnerOutput(req_ids=[sampled[i].request.req_id for i in eager],
                                  logits=self.model.compute_logits(sampled_hidden),
                                  captures=captures,
-                                 deferred=[s.request.req_id for s in sampled
-                                           if s.request.defers_logits],
+                                 deferred=[s.request.req_id for s, d in zip(sampled, defers)
+                                           if d],
                                  prompt_chunks=self._prompt_chunks(items, hidden, layer_caps))
 
     def _graph_step(self, items: list[ScheduledRequest]) -> bool:
@@ -256,36 +257,38 @@ class ModelRunner:
         bs = self.block_size
         batch = _TokenBatch()
         slots: list[int] = []
+        # Per sequence whose tokens are rows of the paged kernel: its table, its context
+        # length after the step, and its number of rows (1 for a decode row).
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
+        decode_rows: list[int] = []
         prefills: list[PrefillChunk] = []
         for item in items:
             q_start, start, end = batch.add(item)
             table = item.block_ids
             if _is_decode(item):
                 slots.append(table[start // bs] * bs + start % bs)
-                decode_tables.append(table)
-                decode_lens.append(end)
-                continue
-            # one tensor op for a whole chunk's slots, no per-token Python loop
-            slots += self._context_slots(table, end)[start:].tolist()
-            if self.use_paged_kernel and _attention_order(item) == 1:
+            else:  # one tensor op for a whole chunk's slots, no per-token Python loop
+                slots += self._context_slots(table, end)[start:].tolist()
+                if not (self.use_paged_kernel and _attention_order(item) == 1):
+                    prefills.append(self._prefill_chunk(q_start, start, end, table,
+                                                        item.request))
+                    continue
                 # A plain prompt chunk: each token is one more row of the paged kernel over
                 # its own prefix (the step writes every new K/V before attending), which is
                 # causal attention; its rows follow the decode rows (`_attention_order`).
-                assert q_start == len(decode_lens), "plain chunks after decode rows only"
-                decode_tables += [table] * (end - start)
-                decode_lens += range(start + 1, end + 1)
-            else:
-                prefills.append(self._prefill_chunk(q_start, start, end, table, item.request))
+                assert q_start == sum(decode_rows), "plain chunks after decode rows only"
+            decode_tables.append(table)
+            decode_lens.append(end)
+            decode_rows.append(end - start)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
-            num_decode_tokens=len(decode_lens),
+            num_decode_tokens=sum(decode_rows),
             decode_slots=None, decode_mask=None, prefills=prefills)
         if decode_lens and self.use_paged_kernel:
             meta.decode_block_tables, meta.decode_context_lens = self._decode_tables(
-                decode_tables, decode_lens)
-        elif decode_lens:
+                decode_tables, decode_lens, decode_rows)
+        elif decode_lens:  # decode rows only: plain chunks are rows on the paged kernel alone
             meta.decode_slots, meta.decode_mask = self._decode_slots(decode_tables, decode_lens)
         return batch.inputs(meta)
 
@@ -353,12 +356,23 @@ class ModelRunner:
                             context_slots=self._context_slots(table, end) if start else None,
                             mask=_chunk_mask(req, start, end))
 
-    def _decode_tables(self, tables: list[list[int]], lens: list[int]
+    def _decode_tables(self, tables: list[list[int]], lens: list[int], rows: list[int]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per kernel row: its sequence's block table and its context length (a sequence's
+        `rows` rows are its last tokens, the last one at context length `lens`)."""
         max_blocks = max(len(t) for t in tables)
         # Padding entries are never read: the kernel stops at each sequence's context length.
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.long), torch.tensor(lens, dtype=torch.long)
+        padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables],
+                              dtype=torch.long)
+        lens_t = torch.tensor(lens, dtype=torch.long)
+        if len(rows) == sum(rows):  # decode rows only
+            return padded, lens_t
+        counts = torch.tensor(rows, dtype=torch.long)
+        first_row = torch.cumsum(counts, 0) - counts
+        # row r of a sequence with n rows ending at length L attends to L - n + 1 + r tokens
+        offset = torch.arange(int(counts.sum())) - first_row.repeat_interleave(counts)
+        context = (lens_t - counts + 1).repeat_interleave(counts) + offset
+        return padded.repeat_interleave(counts, dim=0), context
 
     def _decode_slots(self, tables: list[list[int]], lens: list[int]
                       ) -> tuple[torch.Tensor, torch.Tensor]:

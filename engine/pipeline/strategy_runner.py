@@ -213,7 +213,7 @@ class StrategyRunner:
         for gen in self._complete(touched):
             ready, view = gen.ready, self._view(gen)
             branch = gen.strategy.choose(view)
-            chosen.append(_Chosen(gen, view, branch, ready[branch], ready))
+            chosen.append(_Chosen(gen, view, branch, ready))
         return chosen
 
     def _report(self, seq: Request, processed: torch.Tensor | None, captures: dict,
@@ -341,14 +341,18 @@ class StrategyRunner:
 
 
 class _Chosen(NamedTuple):
-    """A `logits_of_choice` generation's pick: its view, the branch and that branch's ready
-    entry (processed logits or None, hidden, captures), and every branch's."""
+    """A `logits_of_choice` generation's pick: its view, the branch, and every branch's ready
+    entry (processed logits or None, hidden, captures)."""
 
     gen: Generation
     view: StepView
     branch: int
-    entry: tuple
     ready: dict
+
+    @property
+    def entry(self) -> tuple:
+        """The chosen branch's ready entry."""
+        return self.ready[self.branch]
 
 
 def _computed(gen: Generation, branch: int) -> bool:
