@@ -51,6 +51,20 @@ def _long(request_id: str, text: str = "Write a long essay about rivers.") -> pb
     return request
 
 
+def _streams_on_both(harness, name: str, text: str, at_least: int, at_most: int = 16):
+    """Opens long streams one at a time, each past its `started` event, until there are
+    `at_least` of them and both replicas hold one (the router balances by its cached queue
+    lengths, which can lag just after a replica was replaced). Returns the calls, positioned
+    after `started`, and the replica of each."""
+    calls, on = [], []
+    while len(calls) < at_least or len(set(on)) < 2:
+        assert len(calls) < at_most, f"{at_most} streams, all on one replica: {set(on)}"
+        call = harness.stub.GenerateStream(_long(f"{name}-{len(calls)}", text.format(len(calls))))
+        on.append(next(call).started.replica)
+        calls.append(call)
+    return calls, on
+
+
 def _mixed(i: int) -> pb.GenerateRequest:
     """Request i of the concurrent mix: greedy, seeded sampling, contrastive, beam, regex."""
     request = text_request(f"Write a short note about the number {i}.", 8 + i % 7,
@@ -225,13 +239,10 @@ def _actor_of(replica: str):
 
 
 def test_a_killed_replica_ends_its_streams_unavailable_and_is_replaced(front):
-    calls = [front.stub.GenerateStream(_long(f"long-{i}", f"Tell a long tale number {i}."))
-             for i in range(6)]
+    calls, on = _streams_on_both(front, "long", "Tell a long tale number {}.", at_least=6)
     streams = [iter(c) for c in calls]
-    on = [next(s).started.replica for s in streams]
     for s in streams:
         next(s)  # each is decoding on its replica
-    assert len(set(on)) == 2, "both replicas hold a stream"
     victim = on[0]
     ray.kill(_actor_of(victim), no_restart=False)
     killed_at = time.monotonic()
@@ -266,13 +277,10 @@ def test_a_killed_replica_ends_its_streams_unavailable_and_is_replaced(front):
 def test_drain_aborts_the_streams_left_on_every_replica(front):
     """The engine side of SIGTERM (`GenerationServer.drain` runs this, then stops): streams
     still running at the drain timeout end CANCELLED on both replicas, their KV freed."""
-    streams = [iter(front.stub.GenerateStream(_long(f"drain-{i}", f"Describe city {i}.")))
-               for i in range(4)]
-    on = {next(s).started.replica for s in streams}
-    assert len(on) == 2
+    calls, _ = _streams_on_both(front, "drain", "Describe city {}.", at_least=4)
     drained = asyncio.run_coroutine_threadsafe(front.server.client.drain(1.0), front.loop)
-    lasts = [list(s)[-1] for s in streams]
-    assert drained.result(timeout=30) == 4
+    lasts = [list(c)[-1] for c in calls]
+    assert drained.result(timeout=30) == len(calls)
     assert all(last.finished.reason == pb.FINISH_CANCELLED for last in lasts)
     with pytest.raises(grpc.RpcError) as err:
         front.stub.Generate(text_request("Too late.", 2))
