@@ -25,7 +25,7 @@ also defines what crosses the engine/decoding boundary: `InvalidArgument`, `NotF
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, ClassVar, NamedTuple, Self
@@ -181,6 +181,9 @@ class SamplingBatch:
     needs_frequency_presence: bool
     needs_min_p: bool
     max_num_logprobs: int | None  # None when no row asked for logprobs
+    argmax: Callable[[torch.Tensor], torch.Tensor] = lambda x: x.argmax(dim=-1)
+    """Row-wise argmax of a `[rows, vocab]` float32 tensor (the first maximum); the engine
+    passes its kernel (torch's reduction is several times slower than memory allows on CPU)."""
 
     @property
     def needs_penalties(self) -> bool:
@@ -199,7 +202,8 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, rows: Sequence[SamplingRow], vocab_size: int,
-              device: torch.device | str = "cpu") -> SamplingBatch:
+              device: torch.device | str = "cpu",
+              argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SamplingBatch:
         """Gather per-row settings into tensors. Row i of the batch is `rows[i]`.
 
         Token ids in the rows must already be checked against `vocab_size`
@@ -250,6 +254,7 @@ class SamplingBatch:
             needs_frequency_presence=needs_freq,
             needs_min_p=any(p.min_p > 0 and not g for g, p in zip(greedy, params)),
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
+            **({"argmax": argmax} if argmax is not None else {}),
         )
 
 

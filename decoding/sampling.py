@@ -28,7 +28,7 @@ class GreedySearch(SelectionStrategy):
     @classmethod
     def select(cls, logits: torch.Tensor, batch: SamplingBatch,
                rows: torch.Tensor | None) -> torch.Tensor:
-        return logits.argmax(dim=-1)
+        return batch.argmax(logits)
 
 
 @register_strategy(Sampling)
@@ -41,11 +41,11 @@ class AncestralSampling(SelectionStrategy):
         seeds, steps = batch.seeds, batch.steps
         if rows is not None:
             seeds, steps = seeds[rows], steps[rows]
-        return exponential_race(logits.softmax(dim=-1), seeds, steps)
+        return exponential_race(logits.softmax(dim=-1), seeds, steps, batch.argmax)
 
 
-def exponential_race(probs: torch.Tensor, seeds: torch.Tensor,
-                     steps: torch.Tensor) -> torch.Tensor:
+def exponential_race(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                     argmax=lambda x: x.argmax(dim=-1)) -> torch.Tensor:
     """Draw one token per row from the (possibly unnormalised) `[num_rows, vocab_size]` probs.
 
     The exponential race: with independent E_v ~ Exp(1), E_v / p_v ~ Exp(rate p_v), and the
@@ -59,7 +59,7 @@ def exponential_race(probs: torch.Tensor, seeds: torch.Tensor,
         `[num_rows]` int64 token ids.
     """
     exponentials = random_exponentials(seeds, steps, probs.shape[1])
-    return (probs / exponentials).argmax(dim=-1)
+    return argmax(probs / exponentials)
 
 
 def random_exponentials(seeds: torch.Tensor, steps: torch.Tensor,

@@ -17,6 +17,7 @@ import torch
 from decoding import registry
 from decoding.base import Capture, SamplingBatch, SamplingRow, StepDecision, StepView
 from engine.errors import ResourceExhausted
+from engine.kernels.layer_ops import row_argmax
 from engine.pipeline.generation import Generation
 from engine.messages import RequestOutput, TokenLogprob
 from engine.pipeline.ports import StrategyPort
@@ -149,7 +150,7 @@ class StrategyRunner:
                          eos_token_ids=r.generation.eos_token_ids,
                          captures=captures.get(r.req_id),
                          constraint=r.constraint_state) for r in rows],
-            self.vocab_size, logits.device)
+            self.vocab_size, logits.device, argmax=row_argmax)
         log_first = [r.generation.strategy.log_softmax_first for r in rows]
         processed = logits
         if any(log_first):

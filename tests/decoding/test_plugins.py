@@ -136,7 +136,10 @@ def _tokens(engine, params) -> list[int]:
 # ---- (b) the command line: --plugin first, before the `toy` fixture registers ---------------
 
 def _cli(model_dir, *extra: str) -> list[str]:
+    # float32: the CLI's default dtype is "auto" (bfloat16 on CPUs with AVX512-BF16), and these
+    # tokens are compared exactly with float32 HF logits.
     return ["generate", "--model", str(model_dir), "--prompt", PROMPT, "--num-blocks", "64",
+            "--dtype", "float32",
             "--max-new-tokens", str(MAX_NEW), "--ignore-eos", "--json", *extra]
 
 

@@ -114,3 +114,22 @@ def test_copy_blocks_equals_indexed_copy(dtype):
         layer_ops.copy_blocks(caches, [(1, 2), (2, 3)])
     with pytest.raises(RuntimeError, match="outside the cache"):
         layer_ops.copy_blocks(caches, [(1, 9)])
+
+
+@pytest.mark.parametrize("width", [1, 15, 16, 17, 49152])
+def test_row_argmax_is_torch_argmax(width):
+    """Ties go to the first index, -inf rows to 0, a NaN wins (torch's argmax semantics)."""
+    torch.manual_seed(0)
+    x = torch.randn(9, width)
+    x[1] = float("-inf")
+    x[2] = 0.0  # all tied
+    x[3, -1] = float("nan")
+    x[4, width // 2] = x[4, -1] = 100.0  # a tie across lanes / the tail
+    x[5, ::3] = 7.0
+    x[6, width // 3] = float("nan")
+    x[6, 0] = float("inf")
+    rows = x[:, :width]  # unit-stride rows
+    assert torch.equal(layer_ops.row_argmax(rows), rows.argmax(dim=-1))
+    wide = torch.randn(4, width + 5)[:, :width]  # rows further apart than their width
+    assert torch.equal(layer_ops.row_argmax(wide), wide.argmax(dim=-1))
+    assert layer_ops.compiled() is not None

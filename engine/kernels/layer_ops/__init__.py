@@ -1,8 +1,8 @@
 """The small per-layer ops of a Llama decode step, fused for the CPU (see `cpu.py`):
 `add_rms_norm`, `rotary_store` (RoPE on q and k inside the qkv output + the KV-cache write) and
-`silu_and_mul`, and the KV-cache block copies `copy_blocks`. Each validates its arguments and
-runs the C++ kernel on CPU tensors when it builds, else the torch form (`reference.py`; for
-`copy_blocks`, indexed assignment)."""
+`silu_and_mul`, the KV-cache block copies `copy_blocks` and greedy's `row_argmax`. Each
+validates its arguments and runs the C++ kernel on CPU tensors when it builds, else the torch
+form (`reference.py`; for `copy_blocks`, indexed assignment; for `row_argmax`, torch.argmax)."""
 
 from __future__ import annotations
 
@@ -100,3 +100,14 @@ def copy_blocks(caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> No
             cache[dst] = cache[src]
     else:
         ext.copy_blocks(caches, src, dst)
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` of a 2-D float32 tensor (the first maximum; a NaN counts as the
+    maximum), int64. The C++ loop on CPU rows with unit stride: torch's argmax reduction reads
+    a [32, 49152] logits matrix several times slower than memory allows."""
+    ext = compiled() if x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.float32 \
+        and x.shape[1] > 0 and x.stride(1) == 1 else None
+    if ext is None:
+        return x.argmax(dim=-1)
+    return ext.row_argmax(x)

@@ -293,6 +293,51 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// ---- greedy selection: torch.argmax(x, dim=1) of float32 rows (the first maximum; a NaN wins)
+static int64_t argmax_row(const float* x, int64_t n) {
+  int64_t i = 0, at = 0;
+  float best = -INFINITY;
+#if defined(__AVX512F__)
+  if (n >= 16) {  // per lane: the first strict maximum and its index; then the lowest tied index
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    __m512i iv = _mm512_setzero_si512();
+    __m512i cur = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(16);
+    for (; i + 16 <= n; i += 16, cur = _mm512_add_epi32(cur, step)) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) break;  // the scalar loop finds the NaN
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, mv, _CMP_GT_OQ);
+      mv = _mm512_mask_mov_ps(mv, gt, v);
+      iv = _mm512_mask_mov_epi32(iv, gt, cur);
+    }
+    best = _mm512_reduce_max_ps(mv);
+    at = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(mv, _mm512_set1_ps(best), _CMP_EQ_OQ),
+                                      iv);
+  }
+#endif
+  for (; i < n; ++i) {
+    if (std::isnan(x[i])) return i;
+    if (x[i] > best) {
+      best = x[i];
+      at = i;
+    }
+  }
+  return at;
+}
+
+torch::Tensor row_argmax(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
+              x.size(1) > 0 && x.size(1) < (int64_t(1) << 31), "row_argmax: float32 [rows, n]");
+  const int64_t rows = x.size(0), n = x.size(1), stride = x.stride(0);
+  auto out = torch::empty({rows}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) op[r] = argmax_row(xp + r * stride, n);
+  });
+  return out;
+}
+
 // ---- copy-on-write block copies: row src[i] -> row dst[i] of every (contiguous) cache tensor
 void copy_blocks(std::vector<torch::Tensor> caches, torch::Tensor src, torch::Tensor dst) {
   pybind11::gil_scoped_release no_gil;
@@ -322,5 +367,5 @@ void copy_blocks(std::vector<torch::Tensor> caches, torch::Tensor src, torch::Te
 def load_extension():
     """Compiles (first call on a machine) and loads the extension; None if it cannot build."""
     return build("layer_ops_cpu", _SOURCE, ["add_rms_norm", "rotary_store", "silu_and_mul",
-                                          "copy_blocks"],
+                                          "copy_blocks", "row_argmax"],
                  cflags=("-ffp-contract=off",))
