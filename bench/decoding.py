@@ -30,7 +30,8 @@ contrastive search's cosine penalty is meaningless on random ids), ignore-eos,
 
 5. With `--hf-peer`: transformers 4.55's own contrastive search and greedy `generate` on the
    same `--alone` prompts (the engine's token ids), each alone, in its own venv
-   (`make bench-peers-hf`, `bench/peers/hf_contrastive.py`), run after the engine's phases.
+   (`make bench-peers-hf`, `bench/peers/hf_contrastive.py`), run after the engine's phases,
+   in the engine's `--dtype`.
    Speedup = the engine's contrastive tokens/s alone / transformers' (target >= 2x); its
    tokens on the first prompt are compared with the engine's (`peer_prefix_match`).
 
@@ -291,7 +292,8 @@ def run_hf_peer(model_dir: Path, prompt_ids: list[list[int]], args) -> dict:
         return {"error": "no .venv-hf455: run make bench-peers-hf"}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"prompt_ids": prompt_ids, "max_new_tokens": args.max_new_tokens,
-                   "top_k": TOP_K, "penalty_alpha": ALPHA, "threads": args.threads}, f)
+                   "top_k": TOP_K, "penalty_alpha": ALPHA, "threads": args.threads,
+                   "dtype": args.dtype}, f)
     proc = subprocess.run([str(python), str(repo / "bench" / "peers" / "hf_contrastive.py"),
                            "--model", str(model_dir), "--job", f.name],
                           capture_output=True, text=True, timeout=3600)
@@ -341,8 +343,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="the engine's dtype (the references stay float32: their token "
-                         "match is exact in float32 only)")
+                    help="the engine's and the transformers peer's dtype (the recompute "
+                         "reference stays float32: its token match is exact in float32 only)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--alone", type=int, default=4, help="prompts run one at a time")
     ap.add_argument("--reference-tokens", type=int, default=32,

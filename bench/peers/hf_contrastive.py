@@ -9,8 +9,9 @@ interpreter of its own venv (`make bench-peers-hf` builds .venv-hf455), never th
 
 job.json: {"prompt_ids": [[token ids], ...] (tokenized by the engine, so both run the same
 ids), "max_new_tokens": 64, "top_k": 4, "penalty_alpha": 0.6,
-"threads": 2}. Each prompt runs alone, as `bench/decoding.py`'s "alone" phases: one
-`generate` call per prompt, float32, `min_new_tokens` = `max_new_tokens` (ignore-eos), the
+"threads": 2, "dtype": "float32"}. Each prompt runs alone, as `bench/decoding.py`'s "alone"
+phases: one `generate` call per prompt, in the engine's dtype (float32 when the job names
+none), `min_new_tokens` = `max_new_tokens` (ignore-eos), the
 prefill included in the time; greedy, then contrastive search, after one warm-up call each.
 Prints ONE JSON line: {"peer": "transformers-contrastive", "version", "greedy_alone":
 {...}, "contrastive_alone": {...}, "contrastive_token_ids" and "greedy_token_ids": the first prompt's tokens}.
@@ -65,7 +66,8 @@ def main() -> None:
     job = json.loads(open(args.job).read())
     torch.set_num_threads(job["threads"])
     model = AutoModelForCausalLM.from_pretrained(args.model, config=load_config(args.model),
-                                                 torch_dtype=torch.float32).eval()
+                                                 torch_dtype=getattr(torch, job.get(
+                                                     "dtype", "float32"))).eval()
     contrastive = {"penalty_alpha": job["penalty_alpha"], "top_k": job["top_k"]}
     with torch.inference_mode():
         for strategy in ({}, contrastive):  # warm-up
