@@ -25,13 +25,14 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, atol: float) -
     assert err <= atol, f"{name}: max abs err {err:.3g} (relative RMS {rms:.3g}) > {atol}"
 
 
-def make_paged_context(lens: list[int], num_kv_heads: int, head_dim: int, dtype):
+def make_paged_context(lens: list[int], num_kv_heads: int, head_dim: int, dtype,
+                       block_size: int = BLOCK_SIZE):
     """Random K/V for each sequence, scattered over shuffled blocks; every slot no sequence
     owns is NaN."""
-    blocks_per_seq = [-(-n // BLOCK_SIZE) for n in lens]
+    blocks_per_seq = [-(-n // block_size) for n in lens]
     num_blocks = sum(blocks_per_seq) + 3
     order = torch.randperm(num_blocks).tolist()
-    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.full(shape, float("nan"), dtype=dtype)
     v_cache = torch.full(shape, float("nan"), dtype=dtype)
     tables = torch.zeros(len(lens), max(blocks_per_seq), dtype=torch.long)
@@ -39,7 +40,7 @@ def make_paged_context(lens: list[int], num_kv_heads: int, head_dim: int, dtype)
         for j in range(blocks_per_seq[b]):
             blk = order.pop()
             tables[b, j] = blk
-            used = min(BLOCK_SIZE, n - j * BLOCK_SIZE)
+            used = min(block_size, n - j * block_size)
             k_cache[blk, :used] = torch.randn(used, num_kv_heads, head_dim).to(dtype)
             v_cache[blk, :used] = torch.randn(used, num_kv_heads, head_dim).to(dtype)
     return k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.long)
@@ -63,6 +64,22 @@ def test_matches_reference(dtype, heads, head_dim):
     out = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
     assert not out.isnan().any()
     assert_close(f"{dtype}-{heads}-{head_dim}", ref, out, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("block_size", [5, 16, 24, 40])
+@pytest.mark.parametrize("lens", [[37], CONTEXT_LENS], ids=["one-sequence", "six"])
+def test_block_sizes_and_work_splits(dtype, block_size, lens):
+    """Blocks that are not multiples of the kernel's 16-token chunks (partial chunks, odd V
+    pairs inside a block), one sequence (a work item per kv head) and six (one per sequence,
+    all its kv heads in one pass), with q rows strided as views of a wider qkv output."""
+    torch.manual_seed(2)
+    k_cache, v_cache, tables, context = make_paged_context(lens, 3, 64, dtype, block_size)
+    q = torch.randn(len(lens), 9 * 64 + 2 * 3 * 64).to(dtype)[:, :9 * 64].view(len(lens), 9, 64)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, context, 0.125)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, context, 0.125)
+    assert not out.isnan().any()
+    assert_close(f"{dtype}-block{block_size}-{len(lens)}", ref, out, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("temperature", [0.0, 30.0], ids=["flat", "peaked"])
