@@ -69,12 +69,13 @@ static void decode_one(const T* q, const T* k_cache, const T* v_cache, const int
 // AVX-512 path for head_dim = 16 * NV and group = G <= 8. K and V are walked block by block
 // (no division per token), all of the item's kv heads in one pass over each 16-token chunk (the
 // heads of a token share its row: a block is read front to back once); while a block is read,
-// the next block's rows are prefetched (a sequence's blocks are scattered over the cache). Scores are made 16 tokens at a time: each
-// token's partial-product vector per query head, then one 16x16 transpose-and-add into a vector
-// of 16 scores (no horizontal sum per token). Softmax runs 16 scores at a time with a vector exp;
-// 1/sum is applied once at the end. bfloat16 K/V with AVX512-BF16: q.k and p.v are bfloat16 dot
-// products accumulated in float32 (vdpbf16ps; p is rounded to bfloat16 as the value it weighs,
-// V rows are interleaved in token pairs), no widening of the cache on load.
+// the next block's rows are prefetched (a sequence's blocks are scattered over the cache).
+// Scores are made 16 tokens at a time: each token's partial-product vector per query head, then
+// one 16x16 transpose-and-add into a vector of 16 scores (no horizontal sum per token). Softmax
+// runs 16 scores at a time with a vector exp; 1/sum is applied once at the end. bfloat16 K/V
+// with AVX512-BF16: q.k and p.v are bfloat16 dot products accumulated in float32 (vdpbf16ps; p
+// is rounded to bfloat16 as the value it weighs, V rows are interleaved in token pairs), no
+// widening of the cache on load.
 """
 _SOURCE += LOAD16
 _SOURCE += r"""
@@ -257,7 +258,8 @@ static void decode_heads_avx512(const T* q, const T* k_cache, const T* v_cache,
         for (int s = 0; s < 2; ++s)
           for (int l = 0; l < 4; ++l)
             for (int j = 0; j < 4; ++j)
-              o[32 * v + 8 * l + 4 * s + j] = static_cast<T>(a[32 * v + 16 * s + 4 * l + j] * qf[r]);
+              o[32 * v + 8 * l + 4 * s + j] =
+                  static_cast<T>(a[32 * v + 16 * s + 4 * l + j] * qf[r]);
     } else {
       for (int d = 0; d < D; ++d) o[d] = static_cast<T>(a[d] * qf[r]);
     }
