@@ -139,6 +139,11 @@ class SamplingRow(msgspec.Struct, frozen=True, kw_only=True):
     """The branch's `constraints.compiler.ConstraintState` when the request is constrained."""
 
 
+def torch_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax (the first maximum), the default `SamplingBatch.argmax`."""
+    return x.argmax(dim=-1)
+
+
 class SparseLogitEdit(NamedTuple):
     """A list of `(row, token_id)` logits to change, as three flat tensors of one length."""
 
@@ -181,7 +186,7 @@ class SamplingBatch:
     needs_frequency_presence: bool
     needs_min_p: bool
     max_num_logprobs: int | None  # None when no row asked for logprobs
-    argmax: Callable[[torch.Tensor], torch.Tensor] = lambda x: x.argmax(dim=-1)
+    argmax: Callable[[torch.Tensor], torch.Tensor] = torch_argmax
     """Row-wise argmax of a `[rows, vocab]` float32 tensor (the first maximum); the engine
     passes its kernel (torch's reduction is several times slower than memory allows on CPU)."""
 
@@ -203,7 +208,7 @@ class SamplingBatch:
     @classmethod
     def build(cls, rows: Sequence[SamplingRow], vocab_size: int,
               device: torch.device | str = "cpu",
-              argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SamplingBatch:
+              argmax: Callable[[torch.Tensor], torch.Tensor] = torch_argmax) -> SamplingBatch:
         """Gather per-row settings into tensors. Row i of the batch is `rows[i]`.
 
         Token ids in the rows must already be checked against `vocab_size`
@@ -254,7 +259,7 @@ class SamplingBatch:
             needs_frequency_presence=needs_freq,
             needs_min_p=any(p.min_p > 0 and not g for g, p in zip(greedy, params)),
             max_num_logprobs=max(num_logprobs) if num_logprobs else None,
-            **({"argmax": argmax} if argmax is not None else {}),
+            argmax=argmax,
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from decoding.base import SamplingBatch, SelectionStrategy
+from decoding.base import SamplingBatch, SelectionStrategy, torch_argmax
 from decoding.params import Greedy, Sampling
 from decoding.registry import register_strategy
 
@@ -45,7 +45,7 @@ class AncestralSampling(SelectionStrategy):
 
 
 def exponential_race(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
-                     argmax=lambda x: x.argmax(dim=-1)) -> torch.Tensor:
+                     argmax=torch_argmax) -> torch.Tensor:
     """Draw one token per row from the (possibly unnormalised) `[num_rows, vocab_size]` probs.
 
     The exponential race: with independent E_v ~ Exp(1), E_v / p_v ~ Exp(rate p_v), and the
