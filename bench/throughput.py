@@ -80,10 +80,13 @@ def linear_floor(engine: Engine, batch: int, repeats: int = 5) -> float:
     xs = {m.in_features: torch.randn(batch, m.in_features, dtype=engine.runner.dtype)
           for m in linears}
     with torch.inference_mode():
-        if all(isinstance(m, PackedLinear) for m in linears):
-            seconds = decode_stack.packed_linears_seconds(
+        layouts = {getattr(m, "layout", None) for m in linears}
+        if all(isinstance(m, PackedLinear) for m in linears) and len(layouts) == 1:
+            panels = layouts == {"panels"}
+            seconds = decode_stack.linears_seconds(
                 [xs[m.in_features] for m in linears], [m.packed_weight for m in linears],
-                repeats)
+                [m.weight.detach() if panels else m.packed_weight for m in linears],
+                "panels" if panels else "packed", repeats)
             if seconds is not None:
                 return batch / seconds
         for m in linears:

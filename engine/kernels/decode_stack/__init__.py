@@ -4,7 +4,7 @@ module-by-module forward otherwise; both give the same bits.
 
 It applies to an all-decode step on the CPU backend (one new token per sequence, block tables
 for the paged kernel, no activation captures) of a Pre-LN Llama whose linears are all
-oneDNN-prepacked (`PackedLinear`, float32 or bfloat16) or all weight-only int8 or int4, and whose
+prepacked (`PackedLinear`: float32 panels, or oneDNN's layout) or all weight-only int8 or int4, and whose
 KV cache has the model's dtype.
 `POLYDECODE_DECODE_STACK=0` turns it off (the eager forward then runs every step).
 """
@@ -39,8 +39,9 @@ def applies(weights, x: torch.Tensor, kv_caches, meta, capture_layers) -> bool:
             and load_extension() is not None)
 
 
-LINEAR_KINDS = {"packed": 0, "int8": 1, "int4": 2}
-"""The stack's linear kinds: oneDNN-prepacked float weights, weight-only int8, weight-only int4."""
+LINEAR_KINDS = {"packed": 0, "int8": 1, "int4": 2, "panels": 3}
+"""The stack's linear kinds: oneDNN-prepacked float weights, weight-only int8, weight-only int4,
+float32 panels (`engine.kernels.panel_linear`)."""
 
 
 def run(weights: list[torch.Tensor], x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -56,9 +57,11 @@ def run(weights: list[torch.Tensor], x: torch.Tensor, rope: tuple[torch.Tensor, 
         LINEAR_KINDS[linear_kind], group, timings)
 
 
-def packed_linears_seconds(inputs: list[torch.Tensor], packed: list[torch.Tensor],
-                           repeats: int) -> float | None:
-    """Seconds per pass of `inputs[i]` times prepacked weight `packed[i]` for every i, timed
-    in C++ (best of `repeats`); None when the extension does not build."""
+def linears_seconds(inputs: list[torch.Tensor], weights: list[torch.Tensor],
+                    auxes: list[torch.Tensor], linear_kind: str, repeats: int) -> float | None:
+    """Seconds per pass of `inputs[i]` times the linear of (`weights[i]`, `auxes[i]`) of one
+    kind for every i, as the stack calls them, timed in C++ (best of `repeats`); None when the
+    extension does not build."""
     ext = load_extension()
-    return None if ext is None else ext.packed_linears_seconds(inputs, packed, repeats)
+    return None if ext is None else ext.linears_seconds(inputs, weights, auxes,
+                                                        LINEAR_KINDS[linear_kind], repeats)

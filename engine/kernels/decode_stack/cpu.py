@@ -5,8 +5,9 @@ An all-decode step at batch 1 is about ten small ops per layer; from Python each
 microseconds of module calls and dispatch, a third of the step at batch 1. This extension runs
 the same ops in the same order from C++: the per-layer kernels of `layer_ops` and
 `paged_attention` (their sources compiled into this unit, each in its own namespace) and the
-linear op each linear module calls (oneDNN's prepacked `mkldnn::_linear_pointwise`, the
-weight-only int8 kernel of `quant_linear`, compiled in too, or torch's int4 GEMM), so its
+linear op each linear module calls (the float32 panel kernel of `panel_linear` or oneDNN's
+prepacked `mkldnn::_linear_pointwise`, the weight-only int8 kernel of `quant_linear`, both
+compiled in too, or torch's int4 GEMM), so its
 result equals the module-by-module forward bit for bit.
 It releases the GIL for the whole stack, so a server's gRPC thread runs while the engine
 computes.
@@ -16,13 +17,13 @@ context_lens, num_heads, num_kv_heads, eps, scale, linear_kind, group, timings)`
 hidden] embedded inputs, one token per sequence; weights: per layer (input norm, qkv weight,
 qkv aux, o weight, o aux, post-attention norm, gate/up weight, gate/up aux, down weight, down
 aux), where a linear is a oneDNN-prepacked weight (kind 0, aux unused), int8 weights and
-per-channel scales (kind 1) or int4 packed weights and group scales / zeros (kind 2, groups of
-`group`); caches: per layer (k, v); timings: None, or a float64 [2] tensor that the call adds
+per-channel scales (kind 1), int4 packed weights and group scales / zeros (kind 2, groups of
+`group`) or float32 panels and the plain weight (kind 3); caches: per layer (k, v); timings: None, or a float64 [2] tensor that the call adds
 its GEMM and attention seconds to (a profiler's view inside the call). Returns the final-normed
 hidden states.
 
-`packed_linears_seconds(inputs, packed, repeats)`: the same products alone, timed in C++ (the
-GEMM floor the benchmarks compare a step with).
+`linears_seconds(inputs, weights, auxes, linear_kind, repeats)`: the same products alone, timed
+in C++ (the GEMM floor the benchmarks compare a step with).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import functools
 from engine.kernels.cpp_build import build
 from engine.kernels.layer_ops.cpu import _SOURCE as LAYER_OPS_SOURCE
 from engine.kernels.paged_attention.cpu import _SOURCE as ATTENTION_SOURCE
+from engine.kernels.panel_linear.cpu import _SOURCE as PANEL_LINEAR_SOURCE
 from engine.kernels.quant_linear.cpu import _SOURCE as QUANT_LINEAR_SOURCE
 
 _HEADER = r"""
@@ -65,9 +67,9 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
 }
 
 // The linear kinds of a stack (one per model): oneDNN-prepacked float weights, weight-only
-// int8 (per-channel scales) and weight-only int4 (groups of `group`), each the op its Python
-// module calls.
-enum LinearKind : int64_t { kPacked = 0, kInt8 = 1, kInt4 = 2 };
+// int8 (per-channel scales), weight-only int4 (groups of `group`) and float32 panels (aux: the
+// plain weight), each the op its Python module calls.
+enum LinearKind : int64_t { kPacked = 0, kInt8 = 1, kInt4 = 2, kPanels = 3 };
 
 struct Linear {
   int64_t kind, group;
@@ -76,6 +78,7 @@ struct Linear {
     switch (kind) {
       case kInt8: return quant_linear::int8_linear(x, weight, aux);
       case kInt4: return at::_weight_int4pack_mm_for_cpu(x, weight, group, aux);
+      case kPanels: return panel_linear::panel_linear(x, weight, aux, std::nullopt);
       default: return packed_linear(x, weight);
     }
   }
@@ -112,7 +115,7 @@ torch::Tensor llama_decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tens
   constexpr size_t kPerLayer = 10;
   TORCH_CHECK(weights.size() % kPerLayer == 0 && caches.size() * 5 == weights.size(),
               "weights: 10 per layer, caches: 2 per layer");
-  TORCH_CHECK(linear_kind >= kPacked && linear_kind <= kInt4, "unknown linear kind");
+  TORCH_CHECK(linear_kind >= kPacked && linear_kind <= kPanels, "unknown linear kind");
   const Linear linear{linear_kind, group};
   TORCH_CHECK(!timings.has_value() || (timings->dtype() == torch::kFloat64 &&
                                       timings->numel() >= 2 && timings->is_contiguous()),
@@ -151,16 +154,21 @@ torch::Tensor llama_decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tens
   return layer_ops::add_rms_norm(pending, hidden, final_norm, eps, 1.0)[0];
 }
 
-// Seconds per pass over `inputs[i] @ packed[i]` for every i, best of `repeats` passes after
-// one warm-up: the GEMM floor of a step, timed without any Python between the products.
-double packed_linears_seconds(std::vector<torch::Tensor> inputs,
-                              std::vector<torch::Tensor> packed, int64_t repeats) {
-  TORCH_CHECK(inputs.size() == packed.size() && repeats >= 1, "one input per weight");
+// Seconds per pass over the linear of `weights[i]`, `auxes[i]` on `inputs[i]` for every i, best
+// of `repeats` passes after one warm-up: the GEMM floor of a step, timed without any Python
+// between the products.
+double linears_seconds(std::vector<torch::Tensor> inputs, std::vector<torch::Tensor> weights,
+                       std::vector<torch::Tensor> auxes, int64_t linear_kind,
+                       int64_t repeats) {
+  TORCH_CHECK(inputs.size() == weights.size() && auxes.size() == weights.size() &&
+                  repeats >= 1, "one input and one aux per weight");
+  TORCH_CHECK(linear_kind >= kPacked && linear_kind <= kPanels, "unknown linear kind");
+  const Linear linear{linear_kind, 0};
   pybind11::gil_scoped_release no_gil;
   double best = INFINITY;
   for (int64_t r = 0; r <= repeats; ++r) {
     const auto start = std::chrono::steady_clock::now();
-    for (size_t i = 0; i < inputs.size(); ++i) packed_linear(inputs[i], packed[i]);
+    for (size_t i = 0; i < inputs.size(); ++i) linear(inputs[i], weights[i], auxes[i]);
     const double elapsed =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (r > 0) best = std::min(best, elapsed);
@@ -184,6 +192,8 @@ _SOURCE = (_HEADER
            + "#pragma GCC pop_options\n"
            + "namespace quant_linear {\n" + _body(QUANT_LINEAR_SOURCE)
            + "\n}  // namespace quant_linear\n"
+           + "namespace panel_linear {\n" + _body(PANEL_LINEAR_SOURCE)
+           + "\n}  // namespace panel_linear\n"
            + _DRIVER)
 
 
@@ -191,5 +201,5 @@ _SOURCE = (_HEADER
 def load_extension():
     """Compiles (first call on a machine) and loads the extension; None if it cannot build.
     `-ffp-contract=off` as for `layer_ops`: its ops must round like torch's."""
-    return build("decode_stack_cpu", _SOURCE, ["llama_decode_stack", "packed_linears_seconds"],
+    return build("decode_stack_cpu", _SOURCE, ["llama_decode_stack", "linears_seconds"],
                  cflags=("-ffp-contract=off",))
