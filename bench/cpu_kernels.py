@@ -9,8 +9,12 @@ Per decode step of the 30-layer model at batch `--batch` (32), float32 and bfloa
   (causal, grouped-query) per prompt, 30 layers;
 - layer ops: the three C++ per-layer ops (RMSNorm + residual twice, RoPE + cache write,
   SiLU-gate) vs their torch formulas (`engine/kernels/layer_ops/reference.py`);
-- linears: the oneDNN-prepacked linear layers vs `F.linear` on the same weights (the 7 GEMMs of
-  a layer x 30, plus the LM head), weights cycled through memory as in a real step.
+- linears: the engine's prepacked linear layers (`PackedLinear`: float32 panels for the C++
+  panel kernel where the CPU has AVX-512, oneDNN's layout otherwise) vs `F.linear` on the same
+  weights (the 7 GEMMs of a layer x 30, plus the LM head), weights cycled through memory as in
+  a real step;
+- linears vs oneDNN: the same `PackedLinear`s vs oneDNN's prepacked product on the same weights
+  (in bfloat16 both are oneDNN's: a ratio of about 1).
 
     python bench/cpu_kernels.py [--batch 32] [--repeats 20]
 
@@ -161,6 +165,22 @@ def linear_pair(batch: int, dtype, repeats: int) -> tuple[float, float]:
     return ours, plain
 
 
+def onednn_linear_pair(batch: int, dtype, repeats: int) -> tuple[float, float]:
+    shapes = [(HIDDEN, (HEADS + 2 * KV_HEADS) * D), (HEADS * D, HIDDEN), (HIDDEN, 2 * INTER),
+              (INTER, HIDDEN)] * LAYERS + [(HIDDEN, VOCAB)]
+    linears = [torch.nn.Linear(i, o, bias=False).to(dtype) for i, o in shapes]
+    packed = [PackedLinear(lin, batch_hint=32) for lin in linears]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 32)
+              for lin in linears]
+    inputs = {i: torch.randn(batch, i).to(dtype) for i, _ in shapes}
+    with torch.inference_mode():
+        ours = per_step(lambda: [p(inputs[p.in_features]) for p in packed], repeats)
+        theirs = per_step(lambda: [
+            torch.ops.mkldnn._linear_pointwise(inputs[lin.in_features], w, None, "none", [], "")
+            for lin, w in zip(linears, onednn)], repeats)
+    return ours, theirs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32)
@@ -171,7 +191,8 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for name, pair in (("attention", attention_pair),
                            ("prefill attention", prefill_attention_pair),
-                           ("layer ops", layer_ops_pair), ("linears", linear_pair)):
+                           ("layer ops", layer_ops_pair), ("linears", linear_pair),
+                           ("linears vs oneDNN", onednn_linear_pair)):
             ours, theirs = pair(args.batch, dtype, args.repeats)
             rows.append({"dtype": str(dtype).removeprefix("torch."), "kernel": name,
                          "ours_ms_per_step": round(ours, 2), "torch_ms_per_step": round(theirs, 2),
