@@ -152,12 +152,18 @@ def layer_ops_pair(batch: int, dtype, repeats: int) -> tuple[float, float]:
     return per_step(ours, repeats), per_step(torch_path, repeats)
 
 
-def linear_pair(batch: int, dtype, repeats: int) -> tuple[float, float]:
+def step_linears(batch: int, dtype):
+    """A step's linears (7 GEMMs of a layer x 30, plus the LM head), each with its own weights:
+    (plain linears, their `PackedLinear`s, inputs by in_features)."""
     shapes = [(HIDDEN, (HEADS + 2 * KV_HEADS) * D), (HEADS * D, HIDDEN), (HIDDEN, 2 * INTER),
               (INTER, HIDDEN)] * LAYERS + [(HIDDEN, VOCAB)]
     linears = [torch.nn.Linear(i, o, bias=False).to(dtype) for i, o in shapes]
     packed = [PackedLinear(lin, batch_hint=32) for lin in linears]
-    inputs = {i: torch.randn(batch, i).to(dtype) for i, _ in shapes}
+    return linears, packed, {i: torch.randn(batch, i).to(dtype) for i, _ in shapes}
+
+
+def linear_pair(batch: int, dtype, repeats: int) -> tuple[float, float]:
+    linears, packed, inputs = step_linears(batch, dtype)
     with torch.inference_mode():
         ours = per_step(lambda: [p(inputs[p.in_features]) for p in packed], repeats)
         plain = per_step(lambda: [F.linear(inputs[lin.in_features], lin.weight)
@@ -166,13 +172,9 @@ def linear_pair(batch: int, dtype, repeats: int) -> tuple[float, float]:
 
 
 def onednn_linear_pair(batch: int, dtype, repeats: int) -> tuple[float, float]:
-    shapes = [(HIDDEN, (HEADS + 2 * KV_HEADS) * D), (HEADS * D, HIDDEN), (HIDDEN, 2 * INTER),
-              (INTER, HIDDEN)] * LAYERS + [(HIDDEN, VOCAB)]
-    linears = [torch.nn.Linear(i, o, bias=False).to(dtype) for i, o in shapes]
-    packed = [PackedLinear(lin, batch_hint=32) for lin in linears]
+    linears, packed, inputs = step_linears(batch, dtype)
     onednn = [torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 32)
               for lin in linears]
-    inputs = {i: torch.randn(batch, i).to(dtype) for i, _ in shapes}
     with torch.inference_mode():
         ours = per_step(lambda: [p(inputs[p.in_features]) for p in packed], repeats)
         theirs = per_step(lambda: [

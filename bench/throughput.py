@@ -80,13 +80,12 @@ def linear_floor(engine: Engine, batch: int, repeats: int = 5) -> float:
     xs = {m.in_features: torch.randn(batch, m.in_features, dtype=engine.runner.dtype)
           for m in linears}
     with torch.inference_mode():
-        layouts = {getattr(m, "layout", None) for m in linears}
-        if all(isinstance(m, PackedLinear) for m in linears) and len(layouts) == 1:
-            panels = layouts == {"panels"}
+        operands = [m.stack_operands() for m in linears if isinstance(m, PackedLinear)]
+        kinds = {kind for kind, _ in operands}
+        if len(operands) == len(linears) and len(kinds) == 1:
             seconds = decode_stack.linears_seconds(
-                [xs[m.in_features] for m in linears], [m.packed_weight for m in linears],
-                [m.weight.detach() if panels else m.packed_weight for m in linears],
-                "panels" if panels else "packed", repeats)
+                [xs[m.in_features] for m in linears], [w for _, (w, _) in operands],
+                [aux for _, (_, aux) in operands], kinds.pop(), repeats)
             if seconds is not None:
                 return batch / seconds
         for m in linears:

@@ -51,6 +51,14 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [],
                                                   "")
 
+    def stack_operands(self) -> tuple[str, list[torch.Tensor]]:
+        """(kind, [weight, aux]) as the decode stack's C++ linear takes this layer: panels with
+        the plain weight (for rows past the panel kernel's), or oneDNN's packed weight (aux
+        unused)."""
+        if self.layout == "panels":
+            return "panels", [self.packed_weight, self.weight.detach()]
+        return "packed", [self.packed_weight, self.packed_weight]
+
 
 def can_prepack(model: nn.Module) -> bool:
     param = next(model.parameters())

@@ -230,9 +230,7 @@ def _linear_kind(module) -> tuple[str, list[torch.Tensor]] | None:
     if getattr(module, "bias", None) is not None:
         return None
     if isinstance(module, PackedLinear):
-        if module.layout == "panels":
-            return "panels", [module.packed_weight, module.weight.detach()]
-        return "packed", [module.packed_weight, module.packed_weight]  # aux unused
+        return module.stack_operands()
     if isinstance(module, Int8WeightOnlyLinear):
         return "int8", [module.weight_int8, module.scales]
     if isinstance(module, Int4WeightOnlyLinear):

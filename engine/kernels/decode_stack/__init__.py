@@ -4,8 +4,8 @@ module-by-module forward otherwise; both give the same bits.
 
 It applies to an all-decode step on the CPU backend (one new token per sequence, block tables
 for the paged kernel, no activation captures) of a Pre-LN Llama whose linears are all
-prepacked (`PackedLinear`: float32 panels, or oneDNN's layout) or all weight-only int8 or int4, and whose
-KV cache has the model's dtype.
+prepacked (`PackedLinear`: float32 panels, or oneDNN's layout) or all weight-only int8 or int4,
+and whose KV cache has the model's dtype.
 `POLYDECODE_DECODE_STACK=0` turns it off (the eager forward then runs every step).
 """
 

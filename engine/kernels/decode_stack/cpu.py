@@ -7,8 +7,8 @@ the same ops in the same order from C++: the per-layer kernels of `layer_ops` an
 `paged_attention` (their sources compiled into this unit, each in its own namespace) and the
 linear op each linear module calls (the float32 panel kernel of `panel_linear` or oneDNN's
 prepacked `mkldnn::_linear_pointwise`, the weight-only int8 kernel of `quant_linear`, both
-compiled in too, or torch's int4 GEMM), so its
-result equals the module-by-module forward bit for bit.
+compiled in too, or torch's int4 GEMM), so its result equals the module-by-module forward bit
+for bit.
 It releases the GIL for the whole stack, so a server's gRPC thread runs while the engine
 computes.
 
@@ -18,9 +18,9 @@ hidden] embedded inputs, one token per sequence; weights: per layer (input norm,
 qkv aux, o weight, o aux, post-attention norm, gate/up weight, gate/up aux, down weight, down
 aux), where a linear is a oneDNN-prepacked weight (kind 0, aux unused), int8 weights and
 per-channel scales (kind 1), int4 packed weights and group scales / zeros (kind 2, groups of
-`group`) or float32 panels and the plain weight (kind 3); caches: per layer (k, v); timings: None, or a float64 [2] tensor that the call adds
-its GEMM and attention seconds to (a profiler's view inside the call). Returns the final-normed
-hidden states.
+`group`) or float32 panels and the plain weight (kind 3); caches: per layer (k, v); timings:
+None, or a float64 [2] tensor that the call adds its GEMM and attention seconds to (a
+profiler's view inside the call). Returns the final-normed hidden states.
 
 `linears_seconds(inputs, weights, auxes, linear_kind, repeats)`: the same products alone, timed
 in C++ (the GEMM floor the benchmarks compare a step with).
