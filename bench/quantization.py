@@ -3,7 +3,7 @@ against llama.cpp on the model's own Q4_1 GGUF file.
 
 For float32, bfloat16, int8 (float32 and bfloat16 activations) and int4 (bfloat16): the greedy
 batch-1 decode rate with the prefill excluded (128 new tokens after a 128-token prompt, best of
-2, as in `bench/throughput.py`) and the perplexity of held-out real text (the King James books
+`REPEATS` runs) and the perplexity of held-out real text (the King James books
 kept out of the kNN-LM datastores, `kjv:heldout`, in disjoint windows of `--window` tokens,
 `--tokens` scored positions). `--llamacpp` adds llama.cpp (llama-cpp-python from its own venv,
 `make bench-peers-llamacpp`) on the GGUF file the default model is converted from, timed and
@@ -82,15 +82,26 @@ def run_llamacpp(model_dir: Path, prompt: list[int], window: int, tokens: int,
                 "targets": corpus.targets(w)} for w in corpus.windows]
     task = {"gguf": str(embedded_gguf()), "threads": threads, "prompt": prompt,
             "max_new_tokens": MAX_NEW, "repeats": REPEATS, "windows": windows}
+    out = run_peer(python, task)
+    if out.returncode < 0:
+        # Killed by a signal: llama.cpp's AMX weight layout faults on some AMX VMs (a general
+        # protection fault in ldtilecfg). Its plain CPU buffers are the fallback, said so in
+        # the record ("extra_bufts": false).
+        log(f"llama.cpp peer died by signal {-out.returncode}; again without its extra buffer "
+            f"types (AMX / repacked layouts)")
+        out = run_peer(python, {**task, "extra_bufts": False})
+    if out.returncode != 0:
+        log(f"llama.cpp peer failed ({out.returncode}): {out.stderr[-2000:]}")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_peer(python: Path, task: dict) -> subprocess.CompletedProcess:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(task, f)
         f.flush()
-        out = subprocess.run([str(python), str(REPO / "bench/peers/llamacpp_q4.py"), f.name],
-                             capture_output=True, text=True)
-    if out.returncode != 0:
-        log(f"llama.cpp peer failed: {out.stderr[-2000:]}")
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return subprocess.run([str(python), str(REPO / "bench/peers/llamacpp_q4.py"), f.name],
+                              capture_output=True, text=True)
 
 
 def plot(rows: list[dict], peer: dict | None, path: Path) -> None:

@@ -337,6 +337,9 @@ class StepView(msgspec.Struct, kw_only=True):
     prompt_token_ids: list[int] = []
     decode: Any = None
     """token ids -> text, as the client's text is detokenized."""
+    prepared: Any = None
+    """What the strategy's class computed for this view in `prepare_steps` (None outside a
+    batched step)."""
 
 
 class Fork(msgspec.Struct, frozen=True):
@@ -467,6 +470,14 @@ class SelectionStrategy(abc.ABC):
         """Batchable strategies: `[n]` int64 token ids for the rows `rows` of `batch` (None: all
         rows), whose processed logits are `logits` `[n, vocab]`."""
         raise NotImplementedError(f"{cls.__name__} is not batchable")
+
+    @classmethod
+    def prepare_steps(cls, strategies: list[SelectionStrategy], views: list[StepView]) -> None:
+        """Called once per step, before their `step`s, with every generation of this class
+        that steps now (`views[i]` is `strategies[i]`'s): work that one tensor op can do for
+        all of them (contrastive search's softmax and top-k over every winner's logits) goes
+        here, each view's share in `view.prepared`. Must change nothing else: a generation may
+        not step after all (a branch preempted meanwhile) and then prepares again."""
 
     def choose(self, view: StepView) -> int:
         """`logits_of_choice` strategies: the branch whose logits `step` gets, from a view

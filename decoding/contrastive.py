@@ -45,6 +45,20 @@ class ContrastiveSearch(SelectionStrategy):
     def max_branches(params) -> int:
         return params.top_k
 
+    @classmethod
+    def prepare_steps(cls, strategies: list[ContrastiveSearch], views: list[StepView]) -> None:
+        """The next candidates of every generation that steps: one softmax and top-k over all
+        of their logits rows (one call per distinct top_k), the rows' results equal to a call
+        per row."""
+        by_k: dict[int, list[StepView]] = {}
+        for strategy, view in zip(strategies, views):
+            by_k.setdefault(strategy.params.top_k, []).append(view)
+        for k, group in by_k.items():
+            logits = torch.cat([view.logits[:1] for view in group])
+            probs, tokens = logits.softmax(dim=-1).topk(k)
+            for view, p, t in zip(group, probs.tolist(), tokens.tolist()):
+                view.prepared = (p, t)
+
     def choose(self, view: StepView) -> int:
         """The winning candidate's branch (on the prompt's step, branch 0): only its logits
         are computed. Changes nothing until `step` (the engine may call it again)."""
@@ -64,19 +78,25 @@ class ContrastiveSearch(SelectionStrategy):
     def step(self, view: StepView) -> StepDecision:
         if self._context is None:
             self._append_context(view.prompt_hidden)
-            return self._expand(view.chosen, view.logits[0], emit=[])
+            return self._expand(view.chosen, view, emit=[])
         winner, token, _ = self._candidates[self._winner]
         self._append_context(view.hidden[view.branch_ids.index(winner)][None])
         losers = [branch for branch, _, _ in self._candidates if branch != winner]
-        decision = self._expand(winner, view.logits[0], emit=[token])
+        decision = self._expand(winner, view, emit=[token])
         decision.frees = losers
         return decision
 
-    def _expand(self, branch: int, logits: torch.Tensor, emit: list[int]) -> StepDecision:
-        """Makes one branch per top-k candidate of `branch`: `branch` itself takes the first
-        (forks are applied before appends, so the others fork from its current tokens)."""
-        probs, tokens = logits.softmax(dim=-1).topk(self.params.top_k)
-        probs, tokens = probs.tolist(), tokens.tolist()
+    def _expand(self, branch: int, view: StepView, emit: list[int]) -> StepDecision:
+        """Makes one branch per top-k candidate of `branch` (its logits are the view's first
+        row; their top-k is `view.prepared` when the step prepared it): `branch` itself takes
+        the first (forks are applied before appends, so the others fork from its current
+        tokens)."""
+        logits = view.logits[0]
+        if view.prepared is None:
+            probs, tokens = logits.softmax(dim=-1).topk(self.params.top_k)
+            probs, tokens = probs.tolist(), tokens.tolist()
+        else:
+            probs, tokens = view.prepared
         if probs[-1] == 0.0:
             # Only tokens the transforms left possible (a constraint mask sets the rest to
             # -inf; at p = 0 a finite logit could still win on the degeneration penalty).

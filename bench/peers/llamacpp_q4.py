@@ -3,7 +3,10 @@ in its own venv (`make bench-peers-llamacpp`): the batch-1 peer of `bench/quanti
 
 Reads a JSON task file written by that benchmark:
 {"gguf": path, "threads": n, "prompt": [ids], "max_new_tokens": n, "repeats": n,
- "windows": [{"tokens": [ids], "score_from": i, "targets": [ids]}, ...]}
+ "windows": [{"tokens": [ids], "score_from": i, "targets": [ids]}, ...],
+ "extra_bufts": true}
+("extra_bufts": false loads the weights without llama.cpp's extra buffer types, the
+repacked / AMX layouts, into its plain CPU buffers: the fallback where its AMX path faults.)
 and prints one JSON line: the greedy decode rate with the prefill excluded ((N - 1) /
 (t(N) - t(1)), best of `repeats`, the benchmark's own definition) and the perplexity of the
 same windows at the same scored positions (mean NLL of `targets` from positions
@@ -18,7 +21,21 @@ import sys
 import time
 
 import numpy as np
+import llama_cpp.llama_cpp as bindings
 from llama_cpp import Llama, __version__
+
+
+def without_extra_buffer_types() -> None:
+    """Makes every `Llama` load its weights with `use_extra_bufts` off (the high-level class
+    does not expose the model parameter; it reads llama.cpp's defaults from the bindings)."""
+    defaults = bindings.llama_model_default_params
+
+    def plain():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = plain
 
 
 def decode_time(llm: Llama, prompt: list[int], n: int) -> float:
@@ -44,6 +61,9 @@ def window_nll(llm: Llama, tokens: list[int], score_from: int, targets: list[int
 def main() -> None:
     task = json.load(open(sys.argv[1]))
     prompt, n, threads = task["prompt"], task["max_new_tokens"], task["threads"]
+    extra_bufts = task.get("extra_bufts", True)
+    if not extra_bufts:
+        without_extra_buffer_types()
     llm = Llama(task["gguf"], n_ctx=len(prompt) + n + 8, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
     decode_time(llm, prompt, 4)  # warm-up
@@ -60,7 +80,8 @@ def main() -> None:
         total, count = total + nll, count + k
     print(json.dumps({"peer": "llama.cpp", "llama_cpp_python": __version__,
                       "batch1_tokens_per_s": round((n - 1) / best, 1),
-                      "ppl": round(math.exp(total / count), 4), "scored_tokens": count}))
+                      "ppl": round(math.exp(total / count), 4), "scored_tokens": count,
+                      "extra_bufts": extra_bufts}))
 
 
 if __name__ == "__main__":

@@ -127,15 +127,17 @@ class StrategyRunner:
             for j, c in enumerate(missing):
                 c.view.logits = processed[num_eager + j][None].float()
         for c in chosen:
+            if c.entry[0] is not None:
+                c.view.logits = c.entry[0][None]
+            c.view.chosen = c.branch
+        _prepare_steps([(c.gen, c.view) for c in chosen])
+        for c in chosen:
             if not _still_computed(c.gen, c.ready):
                 # An earlier generation's fork preempted one of its branches: it waits for the
                 # recompute and chooses again (`choose` has no effect until `step`).
                 c.gen.ready = {b: v for b, v in c.ready.items() if _computed(c.gen, b)}
                 c.gen.held_prompt_hidden = c.view.prompt_hidden
                 continue
-            if c.entry[0] is not None:
-                c.view.logits = c.entry[0][None]
-            c.view.chosen = c.branch
             out = self._apply(c.gen, c.gen.strategy.step(c.view))
             if out is not None:
                 outputs.append(out)
@@ -194,12 +196,16 @@ class StrategyRunner:
         for i, seq in enumerate(rows):
             if not seq.generation.strategy.batchable:
                 self._report(seq, processed[i].float(), captures, touched)
-        outputs = []
+        pending = []
         for gen in self._complete(touched):
             view = self._view(gen)
             if gen.strategy.logits_of_choice:  # its logits came with the rows (not deferred)
                 branch = gen.strategy.choose(view)
                 view.logits, view.chosen = view.logits[view.branch_ids.index(branch)][None], branch
+            pending.append((gen, view))
+        _prepare_steps(pending)
+        outputs = []
+        for gen, view in pending:
             out = self._apply(gen, gen.strategy.step(view))
             if out is not None:
                 outputs.append(out)
@@ -354,6 +360,15 @@ class _Chosen(NamedTuple):
     def entry(self) -> tuple:
         """The chosen branch's ready entry."""
         return self.ready[self.branch]
+
+
+def _prepare_steps(pending: list[tuple[Generation, StepView]]) -> None:
+    """Each strategy class's batched work for all of its generations that step now."""
+    by_class: dict[type, list[tuple[Generation, StepView]]] = {}
+    for gen, view in pending:
+        by_class.setdefault(type(gen.strategy), []).append((gen, view))
+    for cls, items in by_class.items():
+        cls.prepare_steps([gen.strategy for gen, _ in items], [view for _, view in items])
 
 
 def _computed(gen: Generation, branch: int) -> bool:

@@ -218,3 +218,28 @@ def test_logits_of_every_branch_give_the_same_tokens(engine, prompt_ids, referen
                            [contrastive_params(k, alpha) for _, k, alpha in cases])
     for case, out in zip(cases, outs):
         assert out.token_ids == references[case][0], case
+
+
+def test_candidates_of_all_requests_come_from_one_topk_per_k(engine, prompt_ids, references,
+                                                            monkeypatch):
+    # The step's softmax and top-k run once per distinct top_k for every contrastive
+    # generation that steps (`prepare_steps`), and give each row what a call per row gives.
+    from decoding.contrastive import ContrastiveSearch
+
+    prepare, groups = ContrastiveSearch.prepare_steps.__func__, []
+
+    def counted(cls, strategies, views):
+        prepare(cls, strategies, views)
+        groups.append(sorted(s.params.top_k for s in strategies))
+        for view, strategy in zip(views, strategies):
+            probs, tokens = view.logits[0].softmax(dim=-1).topk(strategy.params.top_k)
+            assert view.prepared == (probs.tolist(), tokens.tolist())
+
+    monkeypatch.setattr(ContrastiveSearch, "prepare_steps", classmethod(counted))
+    outs = engine.generate([prompt_ids[i] for i, _, _ in CASES],
+                           [contrastive_params(k, alpha) for _, k, alpha in CASES])
+    for case, out in zip(CASES, outs):
+        assert out.token_ids == references[case][0], case
+    # A step per token plus the prompt's, for every generation; all 8 step together.
+    assert sum(len(group) for group in groups) == sum(len(out.token_ids) + 1 for out in outs)
+    assert groups[0] == sorted(k for _, k, _ in CASES)
