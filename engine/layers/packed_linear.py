@@ -2,15 +2,13 @@
 (`engine.kernels.panel_linear`, on CPUs with AVX-512), bfloat16 (and float32 elsewhere) in
 oneDNN's blocked layout.
 
-The panel kernel streams the weights while it computes: on SmolLM2's decode shapes a step's
-float32 linears take about 0.73x oneDNN's prepacked time at 32 rows (an ad-hoc timing of all
-121 linears), and past 256 rows it hands the product to torch's GEMM on the plain weight.
-oneDNN can reorder a weight matrix once into the blocked layout its GEMM kernels consume,
-instead of re-packing the weight panels on every call. The packed product uses the JIT
-AVX-512 / AVX512-BF16 / AMX kernels oneDNN picks for the CPU at run time. On SmolLM2's decode
-shapes at batch 32 a step's linears run 1.8x faster than `F.linear` in float32 and 1.2x in
-bfloat16 (`python bench/cpu_kernels.py`, two threads, AVX-512 + AVX512-BF16; MKL's packed
-sgemm, the previous float32 path, was slower than `F.linear` on that CPU). The result is not
+The panel kernel streams the weights while it computes: on SmolLM2's decode shapes at batch 32
+a step's float32 linears run 1.24x faster than oneDNN's prepacked product and 1.42x faster than
+`F.linear` (`python bench/cpu_kernels.py`, two threads, AMX Xeon), and past 256 rows it hands
+the product to torch's GEMM on the plain weight. oneDNN reorders a weight matrix once into the
+blocked layout its GEMM kernels consume, instead of re-packing the weight panels on every call,
+and runs the JIT AVX512-BF16 / AMX kernels it picks for the CPU at run time: in bfloat16 a
+step's linears run 1.4x faster than `F.linear` (same benchmark). The result is not
 bit-identical to `F.linear`: float32 sums in another order (relative differences ~1e-6), which
 the HF-parity oracle tests cover. It is applied from outside the model code, after loading.
 """
