@@ -30,9 +30,11 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # the repo root instead of bench/: bench/profile.py would shadow
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the standard library's profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
 

@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # the repo root instead of bench/: bench/profile.py would shadow
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the standard library's profile
 
 from bench.common import emit, machine  # noqa: E402
 from decoding.rankgen import RankGen  # noqa: E402

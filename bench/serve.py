@@ -45,7 +45,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # the repo root instead of bench/: bench/profile.py would shadow
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the standard library's profile
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402

@@ -44,7 +44,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # the repo root instead of bench/: bench/profile.py would shadow
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the standard library's profile
 
 import grpc  # noqa: E402
 from google.protobuf import struct_pb2  # noqa: E402

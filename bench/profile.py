@@ -17,7 +17,7 @@ forward hooks on modules, wrappers on methods; nothing in the engine changes):
 The GEMM floor is the time of the same GEMMs alone at M = batch (`bench.throughput.linear_floor`,
 timed in C++ for prepacked weights).
 
-    python bench/step_profile.py [--batches 1,32] [--dtypes float32,bfloat16] [--steps 24]
+    python bench/profile.py [--batches 1,32] [--dtypes float32,bfloat16] [--steps 24]
         [--quantization none|int8|int4] [--out DIR]
 
 Prints one JSON line and writes DIR/profile.json and DIR/profile.png (a stacked bar per setting).
@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # the repo root instead of bench/: bench/profile.py would shadow
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the standard library's profile
 
 import torch  # noqa: E402
 
