@@ -30,7 +30,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self._pending_copies: list[tuple[int, int]] = []
+        self._pending_copies: dict[int, tuple[int, Request, int]] = {}
+        """dst block -> (src block, owner, rows) of the copies queued for the next step (a
+        block reallocated within the step keeps the copy of its last owner)."""
         self._num_waiting_tokens = 0
         self._blocked_head: Request | None = None
         """A set prompt on a state-slot model that found too little budget for its first
@@ -69,20 +71,22 @@ class Scheduler:
         self.requests[req.req_id] = req
         self.running.append(req)
 
-    def add_block_copies(self, copies: list[tuple[int, int]], owner: Request) -> None:
-        """Queues (src, dst) KV block copies into `owner`'s blocks for the next step. A copy
-        whose source is itself the destination of a pending copy (a fork of a fork within one
-        step) is redirected to the original source: all copies of a step run at once, before
-        anything is written."""
-        pending = {dst: src for src, dst, _ in self._pending_copies}
-        self._pending_copies.extend((pending.get(src, src), dst, owner) for src, dst in copies)
+    def add_block_copies(self, copies: list[tuple[int, int]], owner: Request,
+                         rows: int = 0) -> None:
+        """Queues (src, dst) KV block copies into `owner`'s blocks for the next step, of the
+        first `rows` token slots of each block (0: all). A copy whose source is itself the
+        destination of a pending copy (a fork of a fork within one step) is redirected to the
+        original source: all copies of a step run at once, before anything is written."""
+        pending = self._pending_copies
+        for src, dst in copies:
+            pending[dst] = (pending[src][0] if src in pending else src, owner, rows)
 
-    def _take_block_copies(self) -> list[tuple[int, int]]:
+    def _take_block_copies(self) -> list[tuple[int, int, int]]:
         """The pending copies whose owner still holds the destination block: a branch
         preempted or freed before its copy ran gave the block back, and it may belong to
         another request by now (two copies into one block would race)."""
-        copies, self._pending_copies = self._pending_copies, []
-        return [(src, dst) for src, dst, owner in copies
+        copies, self._pending_copies = self._pending_copies, {}
+        return [(src, dst, rows) for dst, (src, owner, rows) in copies.items()
                 if owner.status == RequestStatus.RUNNING
                 and dst in self.kv.get_block_ids(owner.req_id)]
 

@@ -20,8 +20,10 @@ class ScheduledRequest(msgspec.Struct, kw_only=True):
 
 class SchedulerOutput(msgspec.Struct, kw_only=True):
     scheduled: list[ScheduledRequest]
-    block_copies: list[tuple[int, int]] = []
-    """(src, dst) KV block copies to perform before the forward (copy-on-write of forks)."""
+    block_copies: list[tuple[int, int, int]] = []
+    """(src, dst, rows) KV block copies to perform before the forward (copy-on-write of
+    forks): the first `rows` token slots of block src into block dst (0: the whole block or
+    state slot)."""
     preempted_req_ids: list[str] = []
 
     @property

@@ -246,7 +246,7 @@ class ModelRunner:
             chunks[req.req_id] = (start, out)
         return chunks
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+    def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
         if not copies:
             return
         layer_ops.copy_blocks(self._cache_tensors, copies)

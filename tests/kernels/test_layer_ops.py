@@ -116,6 +116,23 @@ def test_copy_blocks_equals_indexed_copy(dtype):
         layer_ops.copy_blocks(caches, [(1, 9)])
 
 
+def test_copy_blocks_of_partial_blocks_copy_their_filled_slots():
+    # (src, dst, rows): a KV block's first `rows` token slots (a fork's partial block); rows 0
+    # or the whole block: all of it. The slots past `rows` keep what they held.
+    torch.manual_seed(4)
+    caches = [torch.randn(9, 16, 3, 64) for _ in range(4)]
+    copies = [(0, 5, 3), (2, 7, 0), (4, 8, 16), (3, 1, 15)]
+    expected = [c.clone() for c in caches]
+    for cache in expected:
+        for src, dst, rows in copies:
+            rows = rows or cache.shape[1]
+            cache[dst, :rows] = cache[src, :rows]
+    layer_ops.copy_blocks(caches, copies)
+    for actual, want in zip(caches, expected):
+        assert torch.equal(actual, want)
+    assert not torch.equal(caches[0][5], caches[0][0])  # slots 3.. of block 5 were not copied
+
+
 @pytest.mark.parametrize("width", [1, 15, 16, 17, 49152])
 def test_row_argmax_is_torch_argmax(width):
     """Ties go to the first index, -inf rows to 0, a NaN wins (torch's argmax semantics)."""

@@ -81,10 +81,12 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return ext.silu_and_mul(gate_up)
 
 
-def copy_blocks(caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> None:
+def copy_blocks(caches: list[torch.Tensor], copies: list[tuple[int, ...]]) -> None:
     """In place: for every tensor of `caches` (all on one device), row dst (a block or state
-    slot) becomes a copy of row src, for each (src, dst) of `copies`; no row may be both a
-    source and a target."""
+    slot) becomes a copy of row src, for each (src, dst) or (src, dst, rows) of `copies`; with
+    `rows` > 0 only the row's first `rows` entries along dim 1 need to be copied (the filled
+    slots of a partial KV block: the C++ copy stops there, the torch fallback copies whole
+    rows). No row may be both a source and a target."""
     sources, targets = [c[0] for c in copies], [c[1] for c in copies]
     _require(not set(sources) & set(targets),
              "copy_blocks: a block is both a source and a target")
@@ -99,7 +101,8 @@ def copy_blocks(caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> No
         for cache in caches:
             cache[dst] = cache[src]
     else:
-        ext.copy_blocks(caches, src, dst)
+        rows = torch.tensor([c[2] if len(c) > 2 else 0 for c in copies], dtype=torch.int64)
+        ext.copy_blocks(caches, src, dst, rows)
 
 
 def row_argmax(x: torch.Tensor) -> torch.Tensor:

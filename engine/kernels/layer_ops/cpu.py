@@ -10,9 +10,10 @@ of dispatch, and a Llama layer ran about thirty of them; here they are three cal
   q and k inside the fused qkv projection output (rotate-half RoPE) and writes the step's k and v
   rows into their cache slots, in place.
 - `silu_and_mul(gate_up)`: silu(gate) * up for the fused gate/up projection output.
-- `copy_blocks(caches, src, dst)`: block src[i] -> block dst[i] of every cache tensor (the
-  step's copy-on-write copies, e.g. the partial blocks of forked branches), one call for all
-  layers with the GIL released instead of two indexing ops per tensor.
+- `copy_blocks(caches, src, dst, rows)`: block src[i] -> block dst[i] of every cache tensor
+  (the step's copy-on-write copies, e.g. the partial blocks of forked branches; only their
+  first rows[i] filled slots when rows[i] > 0), one call for all layers with the GIL released
+  instead of two indexing ops per tensor.
 
 Each op rounds where the torch formulas in `reference.py` round: float32 products and sums are
 separate IEEE operations (no fused multiply-add), and in bfloat16 / float16 every intermediate
@@ -338,12 +339,17 @@ torch::Tensor row_argmax(torch::Tensor x) {
   return out;
 }
 
-// ---- copy-on-write block copies: row src[i] -> row dst[i] of every (contiguous) cache tensor
-void copy_blocks(std::vector<torch::Tensor> caches, torch::Tensor src, torch::Tensor dst) {
+// ---- copy-on-write block copies: row src[i] -> row dst[i] of every (contiguous) cache tensor,
+// its first rows[i] entries along dim 1 when 0 < rows[i] < size(1), else all of it
+void copy_blocks(std::vector<torch::Tensor> caches, torch::Tensor src, torch::Tensor dst,
+                 torch::Tensor rows) {
+  TORCH_CHECK(rows.numel() == src.numel() && dst.numel() == src.numel(),
+              "src, dst, rows: one entry per copy");
   pybind11::gil_scoped_release no_gil;
   const int64_t pairs = src.numel(), num_caches = static_cast<int64_t>(caches.size());
   const int64_t* sp = src.data_ptr<int64_t>();
   const int64_t* dp = dst.data_ptr<int64_t>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
   for (const auto& cache : caches) {
     TORCH_CHECK(cache.is_contiguous() && cache.device().is_cpu(), "caches: contiguous CPU");
     for (int64_t i = 0; i < pairs; ++i)
@@ -355,8 +361,11 @@ void copy_blocks(std::vector<torch::Tensor> caches, torch::Tensor src, torch::Te
       const auto& cache = caches[job / pairs];
       const int64_t i = job % pairs;
       const int64_t row = cache.stride(0) * static_cast<int64_t>(cache.element_size());
+      const bool part = cache.dim() > 1 && rp[i] > 0 && rp[i] < cache.size(1);
+      const int64_t bytes =
+          part ? rp[i] * cache.stride(1) * static_cast<int64_t>(cache.element_size()) : row;
       auto* base = static_cast<char*>(cache.data_ptr());
-      std::memcpy(base + dp[i] * row, base + sp[i] * row, row);
+      std::memcpy(base + dp[i] * row, base + sp[i] * row, bytes);
     }
   });
 }

@@ -52,9 +52,18 @@ static void tile(const float* a, int64_t lda, const float* chunk, int64_t kc, fl
                  int64_t lines) {
   __m512 acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  // The `lines` prefetches of the next chunk over the kc steps: up to one a step (many row
+  // tiles share the chunk) spread evenly, since a burst of them waits for fill buffers and
+  // stalls the FMAs behind it; more (one or two tiles) as two streams, lines k and kc + k.
+  int64_t fetched = 0, due = 0;
   for (int64_t k = 0; k < kc; ++k) {
-    if (k < lines) _mm_prefetch(prefetch + k * 64, _MM_HINT_T1);
-    if (k + kc < lines) _mm_prefetch(prefetch + (k + kc) * 64, _MM_HINT_T1);
+    if (lines >= kc) {
+      _mm_prefetch(prefetch + k * 64, _MM_HINT_T1);
+      if (k + kc < lines) _mm_prefetch(prefetch + (k + kc) * 64, _MM_HINT_T1);
+    } else if ((due += lines) >= kc) {
+      due -= kc;
+      _mm_prefetch(prefetch + 64 * fetched++, _MM_HINT_T1);
+    }
     const __m512 b0 = _mm512_loadu_ps(chunk + k * kPanel);
     const __m512 b1 = _mm512_loadu_ps(chunk + k * kPanel + 16);
     for (int r = 0; r < R; ++r) {
