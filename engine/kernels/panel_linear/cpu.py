@@ -8,9 +8,11 @@ long as its memory time (its one-row time) plus its compute time (at its many-ro
 added up. Here each thread walks its own run
 of panels, a panel in chunks of `kChunk` inputs (16 KB, resident in L1 while every tile of
 rows passes over it), and while a chunk is multiplied its successor is prefetched into L2, a
-share of it per row tile: memory keeps streaming while the FMAs run. On the default model's
-linears (all 121, each its own weights; an ad-hoc timing, AMX Xeon VM) this took 34.5 ms
-against oneDNN's 46.0 at 32 rows and 17.8 against 26.9 at one row.
+share of it per row tile, spread evenly over the tile's steps: memory keeps streaming while the
+FMAs run. On the default model's linears (all 121, each its own weights, AMX Xeon VM) a batch-32
+step took 37.6 ms against oneDNN's 46.5 (`python bench/cpu_kernels.py`, before the even
+spread); at 64 rows, the even spread took 0.93x the time of prefetches bunched at the start of
+each tile (an ad-hoc A/B timing in one process).
 
 Every output is summed in one fixed order: along the input axis in chunks of `kChunk`, each
 chunk a chain of FMAs, the chunks added in turn. Row tiling and threads only decide who
