@@ -71,12 +71,13 @@ class Scheduler:
         self.requests[req.req_id] = req
         self.running.append(req)
 
-    def add_block_copies(self, copies: list[tuple[int, int]], owner: Request,
-                         rows: int = 0) -> None:
-        """Queues (src, dst) KV block copies into `owner`'s blocks for the next step, of the
-        first `rows` token slots of each block (0: all). A copy whose source is itself the
+    def add_block_copies(self, copies: list[tuple[int, int]], owner: Request) -> None:
+        """Queues (src, dst) KV block copies into `owner`'s blocks for the next step: a fork's
+        partial last block, of which only the slots of `owner`'s computed tokens are filled
+        (state slots, `block_size` 1, are copied whole). A copy whose source is itself the
         destination of a pending copy (a fork of a fork within one step) is redirected to the
         original source: all copies of a step run at once, before anything is written."""
+        rows = owner.num_computed_tokens % self.kv.block_size
         pending = self._pending_copies
         for src, dst in copies:
             pending[dst] = (pending[src][0] if src in pending else src, owner, rows)

@@ -77,10 +77,7 @@ class EnginePort:
                 raise ResourceExhausted("no free KV block to fork a branch into")
             copies = self.kv_cache.fork(parent.req_id, child_id, parent.num_computed_tokens)
         child = parent.fork(child_id, branch, seed, generation)
-        # A partial KV block holds the parent's first `filled` slots; the rest is unwritten.
-        filled = 0 if self.kv_cache.state_slots else \
-            parent.num_computed_tokens % self.kv_cache.block_size
-        self.scheduler.add_block_copies(copies, child, rows=filled)
+        self.scheduler.add_block_copies(copies, child)
         self.scheduler.add_running(child)
         return child
 
